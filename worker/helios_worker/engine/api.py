@@ -1,0 +1,103 @@
+"""The engine's public surface: requests in, token events out, typed errors, telemetry hooks.
+
+The server (and the benchmarks) talk to the engine only through these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+ConfidenceMeasure = Literal["max_prob", "margin"]  # max softmax, or top-1 minus top-2 probability
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    confidence_threshold: float = 0.9
+    confidence_measure: ConfidenceMeasure = "max_prob"
+    breach_window: int = 100
+    profile: bool = False  # full depth; per token, the first confident layer and per-layer agreement
+    early_stop: bool = True  # within the loaded stack, stop a step when every row is confident
+    max_batch: int = 64  # rows in the running batch
+    max_queue: int = 256  # waiting requests beyond which submit() raises QueueFull
+    max_context: int | None = None  # tokens (prompt + generated); None: the model's own limit
+    kv_budget_bytes: int | None = None  # cap on the KV cache; None: sized from max_batch * max_context
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One emitted token with where it exited and how confident it was."""
+
+    token_id: int
+    text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
+    exit_layer: int  # 1-based
+    confidence: float
+    breach: bool  # unconfident at the last loaded layer, emitted anyway
+
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class EngineError(Exception):
+    """Base of the errors the server maps to HTTP answers."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at max_queue: answer 429 with Retry-After."""
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after_seconds:.0f}s")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class PromptTooLong(EngineError):
+    """Prompt plus max_tokens exceed the context: a 400."""
+
+
+class Draining(EngineError):
+    """The worker is shutting down and takes no new requests: a 503."""
+
+
+class EngineObserver(Protocol):
+    """Telemetry hooks, called from the engine's loop; implementations must be cheap."""
+
+    def on_step(self, batch_size: int, queue_length: int, seconds: float) -> None: ...
+
+    def on_token(self, exit_layer: int, breach: bool, breach_ratio: float, window_tokens: int) -> None: ...
+
+    def on_profile_token(self, first_confident_layer: int, agreeing_layers: tuple[int, ...]) -> None: ...
+
+    def on_first_token(self, seconds: float) -> None: ...
+
+    def on_inter_token(self, seconds: float) -> None: ...
+
+    def on_finished(self, finished: Finished, profiled: bool) -> None: ...
