@@ -181,6 +181,7 @@ class CandidateProfile:
     profiled_tokens: int
     profiled_requests: int
     agreement: tuple[float, ...]  # agreement[l-1]: share of tokens whose exit at layer l equals layer N's
+    depth_agreement: tuple[float, ...]  # [l-1]: share that early-exit decoding truncated at l gets right
     first_confident: tuple[float, ...]  # share of tokens first confident at layer l (index l-1), l=1..N+1
     tokens_per_second: float  # decode throughput at full depth, per replica
     fixed_weight_bytes: float  # embeddings, final norm, LM head
@@ -195,6 +196,7 @@ class CandidateProfile:
             "profiledTokens": self.profiled_tokens,
             "profiledRequests": self.profiled_requests,
             "agreement": [round(a, 4) for a in self.agreement],
+            "depthAgreement": [round(a, 4) for a in self.depth_agreement],
             "firstConfident": [round(f, 4) for f in self.first_confident],
             "tokensPerSecond": round(self.tokens_per_second, 3),
             "fixedWeightBytes": self.fixed_weight_bytes,
@@ -212,6 +214,7 @@ class CandidateProfile:
             profiled_tokens=int(d["profiledTokens"]),
             profiled_requests=int(d["profiledRequests"]),
             agreement=tuple(float(a) for a in d["agreement"]),
+            depth_agreement=tuple(float(a) for a in d.get("depthAgreement") or d["agreement"]),
             first_confident=tuple(float(f) for f in d["firstConfident"]),
             tokens_per_second=float(d["tokensPerSecond"]),
             fixed_weight_bytes=float(d["fixedWeightBytes"]),

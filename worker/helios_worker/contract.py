@@ -74,6 +74,13 @@ LAYER_AGREEMENT = _m(
     "Profiling: tokens whose exit token at `layer` equals the final layer's token.",
     (LABEL_LAYER,),
 )
+DEPTH_AGREEMENT = _m(
+    "depth_agreement",
+    "counter",
+    "Profiling: tokens that early-exit decoding truncated at depth `layer` (exit at the first confident"
+    " layer, else at `layer`) would emit equal to the final layer's token: the accuracy of depth `layer`.",
+    (LABEL_LAYER,),
+)
 PROFILED_TOKENS = _m("profiled_tokens", "counter", "Profiling: tokens generated at full depth.")
 PROFILED_REQUESTS = _m("profiled_requests", "counter", "Profiling: requests completed at full depth.")
 CONFIDENCE_BREACHES = _m(
@@ -104,6 +111,7 @@ ALL_METRICS: tuple[Metric, ...] = (
     EXIT_LAYER,
     FIRST_CONFIDENT_LAYER,
     LAYER_AGREEMENT,
+    DEPTH_AGREEMENT,
     PROFILED_TOKENS,
     PROFILED_REQUESTS,
     CONFIDENCE_BREACHES,

@@ -94,7 +94,11 @@ class EngineObserver(Protocol):
 
     def on_token(self, exit_layer: int, breach: bool, breach_ratio: float, window_tokens: int) -> None: ...
 
-    def on_profile_token(self, first_confident_layer: int, agreeing_layers: tuple[int, ...]) -> None: ...
+    def on_profile_token(
+        self, first_confident_layer: int, agreeing_layers: tuple[int, ...], agreeing_depths: tuple[int, ...]
+    ) -> None:
+        """Profiling: layers whose own exit token equals the final one, and depths at which
+        early-exit decoding (first confident layer, else the depth) would emit the final token."""
 
     def on_first_token(self, seconds: float) -> None: ...
 
