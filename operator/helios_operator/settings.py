@@ -1,0 +1,111 @@
+"""The operator's configuration: one typed object, read once from flags and `HELIOS_*` variables.
+
+Precedence: command-line flag > environment variable > default. `load_settings` validates the
+whole object at start-up and raises SettingsError naming every bad value, so a misconfigured
+operator stops before it touches the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from urllib.parse import urlparse
+
+from helios_operator.model import WorkerSpec
+
+ENV_PREFIX = "HELIOS_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A flag or HELIOS_* variable that cannot work."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    prometheus_url: str = "http://prometheus-operated.monitoring:9090"  # HeliosDeployment spec.prometheus.url wins
+    query_timeout_s: float = 5.0  # per Prometheus HTTP request
+    stale_after_s: float = 120.0  # newest sample older than this: MetricsAvailable=False, reason MetricsStale
+    worker_image: str = WorkerSpec.image  # used when spec.worker.image is absent
+    namespaces: tuple[str, ...] = ()  # () : every namespace (kopf -A)
+    log_level: str = "INFO"
+    resync_interval_s: float = 15.0  # the reconcile timer
+
+    def validate(self) -> Settings:
+        problems: list[str] = []
+        url = urlparse(self.prometheus_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            problems.append(f"prometheus_url must be an http(s) URL, got {self.prometheus_url!r}")
+        if not 0 < self.query_timeout_s <= 300:
+            problems.append(f"query_timeout_s must be in (0, 300], got {self.query_timeout_s}")
+        if self.stale_after_s <= 0:
+            problems.append(f"stale_after_s must be positive, got {self.stale_after_s}")
+        if not self.worker_image.strip():
+            problems.append("worker_image must not be empty")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not 0 < self.resync_interval_s <= 3600:
+            problems.append(f"resync_interval_s must be in (0, 3600], got {self.resync_interval_s}")
+        if any(not ns.strip() for ns in self.namespaces):
+            problems.append(f"namespaces must not hold empty names, got {list(self.namespaces)}")
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return self
+
+
+def env_name(field_name: str) -> str:
+    """`query_timeout_s` -> `HELIOS_QUERY_TIMEOUT_S`."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (`--prometheus-url`, ...); absent flags fall back to HELIOS_* or defaults."""
+    for f in fields(Settings):
+        parser.add_argument(_flag(f.name), dest=f.name, default=None, help=f"(env {env_name(f.name)})")
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read flags (argv, unknown flags ignored) over HELIOS_* variables over defaults; validate."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args, _ = parser.parse_known_args(list(argv or ()))
+    raw: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(args, f.name)
+        if value is None:
+            value = env.get(env_name(f.name))
+        if value is not None:
+            raw[f.name] = value
+    return settings_from_strings(raw)
+
+
+def settings_from_strings(raw: Mapping[str, str]) -> Settings:
+    defaults = Settings()
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for f in fields(Settings):
+        if f.name not in raw:
+            continue
+        text = raw[f.name].strip()
+        default = getattr(defaults, f.name)
+        try:
+            if isinstance(default, float):
+                values[f.name] = float(text)
+            elif isinstance(default, tuple):
+                values[f.name] = tuple(p.strip() for p in text.split(",") if p.strip())
+            elif f.name == "log_level":
+                values[f.name] = text.upper()
+            else:
+                values[f.name] = text
+        except ValueError:
+            problems.append(f"{f.name} ({env_name(f.name)}) must be a number, got {text!r}")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return Settings(**values).validate()  # type: ignore[arg-type]
