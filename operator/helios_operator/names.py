@@ -20,6 +20,9 @@ LABEL_DEPTH = f"{GROUP}/depth"
 LABEL_ROLE = f"{GROUP}/role"  # profile | serve
 LABEL_WORKER = f"{GROUP}/worker"  # the worker Deployment's name
 LABEL_POOL = f"{GROUP}/pool"  # the Service selects one pool; workers that share live traffic share it
+LABEL_SERVICE = f"{GROUP}/service"  # on our Services: stable (clients) | metrics (headless, every worker)
+SERVICE_STABLE = "stable"
+SERVICE_METRICS = "metrics"
 APP_NAME = "helios-worker"
 MANAGER = "helios-operator"
 

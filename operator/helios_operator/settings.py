@@ -72,17 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read flags (argv, unknown flags ignored) over HELIOS_* variables over defaults; validate."""
-    env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
     args, _ = parser.parse_known_args(list(argv or ()))
+    return settings_from_namespace(args, environ)
+
+
+def settings_from_namespace(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parsed flags (None or absent: not given) over HELIOS_* variables over defaults; validated."""
+    env = os.environ if environ is None else environ
     raw: dict[str, str] = {}
     for f in fields(Settings):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is None:
             value = env.get(env_name(f.name))
         if value is not None:
-            raw[f.name] = value
+            raw[f.name] = str(value)
     return settings_from_strings(raw)
 
 

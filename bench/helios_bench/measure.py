@@ -1,0 +1,198 @@
+"""One measurement each: served throughput (with energy and peak memory), decode speed against the
+memory-bandwidth bound, latency at a fixed request rate, and the memory-budget arithmetic."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from helios_bench.device import EnergyMeter, PeakMemory, synchronize
+from helios_bench.observe import ServeObserver
+from helios_bench.stats import percentile
+from helios_bench.systems import Completion, Prompt, Timing
+
+
+class System(Protocol):
+    def run_batch(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Completion]: ...
+
+    def serve(self, arrivals: Sequence[float], prompts: Sequence[Prompt], max_new_tokens: int) -> list[Timing]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of one configuration as loaded: what the budget holds and what a decode step reads."""
+
+    resident_weight_bytes: int  # every loaded parameter (embeddings, loaded layers, norm, LM head)
+    fixed_weight_bytes: int  # embeddings, final norm, LM head
+    layer_weight_bytes: int  # one decoder layer
+    kv_bytes_per_token_per_layer: int
+    loaded_layers: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_per_layer * self.loaded_layers
+
+
+def cycle(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def max_batch_in_budget(sizes: Sizes, budget_bytes: int, context: int, scratch_slot: bool) -> int:
+    """Rows of `context` tokens whose KV fits beside the weights (the engine keeps one scratch slot)."""
+    free = budget_bytes - sizes.resident_weight_bytes
+    per_row = sizes.kv_bytes_per_token * context
+    rows = free // per_row if per_row > 0 else 0
+    return max(0, int(rows) - (1 if scratch_slot else 0))
+
+
+def default_budget(static: Sizes, context: int, rows: int) -> int:
+    """The static baseline's weights plus KV for `rows` rows (and the engine's scratch slot)."""
+    return static.resident_weight_bytes + (rows + 1) * static.kv_bytes_per_token * context
+
+
+def throughput(
+    system: System,
+    prompts: Sequence[Prompt],
+    *,
+    batch: int,
+    waves: int,
+    max_new_tokens: int,
+    device: str,
+    energy: EnergyMeter,
+) -> dict[str, Any]:
+    """Served tokens/s with `waves * batch` requests submitted at once (the system keeps `batch` running).
+
+    A warm-up of the same batch with two tokens comes first (first calls, kernels, CUDA graphs).
+    """
+    system.run_batch(cycle(prompts, batch), 2)
+    requests = cycle(prompts, batch * waves)
+    with PeakMemory(device) as peak:
+        synchronize(device)
+        joules_before = energy.read_joules()
+        started = time.perf_counter()
+        completions = system.run_batch(requests, max_new_tokens)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        joules_after = energy.read_joules()
+    tokens = sum(len(c.token_ids) for c in completions)
+    joules = None if joules_before is None or joules_after is None else joules_after - joules_before
+    return {
+        "tokens_per_second": tokens / seconds,
+        "requests_per_second": len(requests) / seconds,
+        "batch": batch,
+        "requests": len(requests),
+        "tokens": tokens,
+        "seconds": seconds,
+        "joules": joules,
+        "tokens_per_joule": tokens / joules if joules else None,
+        "peak_allocated_bytes": peak.peak_bytes,
+    }
+
+
+def decode_speed(
+    system: System,
+    prompts: Sequence[Prompt],
+    *,
+    batch: int,
+    new_tokens: int,
+    device: str,
+    repeats: int = 2,
+) -> tuple[float, int]:
+    """Decode tokens/s at `batch`: the time of `new_tokens` tokens minus the time of one (prefill and
+    first token), over the tokens in between. Systems here must ignore EOS so every row runs to the end.
+    Returns (tokens/s, decode tokens per run); the best of `repeats` pairs, after a warm-up."""
+    rows = cycle(prompts, batch)
+    system.run_batch(rows, 2)
+    best = math.inf
+    tokens = 0
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        system.run_batch(rows, 1)
+        synchronize(device)
+        t1 = time.perf_counter()
+        completions = system.run_batch(rows, new_tokens)
+        synchronize(device)
+        t2 = time.perf_counter()
+        tokens = sum(len(c.token_ids) for c in completions) - batch
+        best = min(best, max((t2 - t1) - (t1 - t0), 1e-9))
+    return max(tokens, 0) / best, tokens
+
+
+def bandwidth_bound(
+    sizes: Sizes,
+    *,
+    batch: int,
+    layers_per_step: float,
+    mean_context: float,
+    bandwidth: float,
+) -> dict[str, float]:
+    """Bytes a decode step must read (weights of the layers run, the batch's KV over them) and the
+    tokens/s that reading them at the measured copy bandwidth allows."""
+    weights = sizes.fixed_weight_bytes + layers_per_step * sizes.layer_weight_bytes
+    kv = batch * mean_context * layers_per_step * sizes.kv_bytes_per_token_per_layer
+    per_step = weights + kv
+    return {"bytes_per_step": per_step, "bound_tokens_per_second": batch * bandwidth / per_step}
+
+
+def bandwidth_fraction(
+    make: Callable[[int, ServeObserver], System],
+    sizes: Sizes,
+    prompts: Sequence[Prompt],
+    *,
+    batch: int,
+    new_tokens: int,
+    bandwidth: float,
+    device: str,
+    early_exit: bool,
+) -> dict[str, Any]:
+    observer = ServeObserver()
+    system = make(batch, observer)
+    try:
+        tps, tokens = decode_speed(system, prompts, batch=batch, new_tokens=new_tokens, device=device)
+    finally:
+        system.close()
+    layers = observer.mean_layers_per_step(float(sizes.loaded_layers)) if early_exit else float(sizes.loaded_layers)
+    rows = cycle(prompts, batch)
+    mean_context = sum(len(p) for p in rows) / len(rows) + new_tokens / 2
+    bound = bandwidth_bound(sizes, batch=batch, layers_per_step=layers, mean_context=mean_context,
+                            bandwidth=bandwidth)
+    return {
+        "tokens_per_second": tps,
+        "decode_tokens": tokens,
+        "layers_per_step": layers,
+        **bound,
+        "fraction": tps / bound["bound_tokens_per_second"],
+    }
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """Arrival times (seconds) of a Poisson process at `rate` requests/s; the same seed, the same times."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def latency(system: System, arrivals: Sequence[float], prompts: Sequence[Prompt], max_new_tokens: int) -> dict[str, Any]:
+    """p50/p95 of time to first token (from arrival) and of per-token latency (gaps between tokens)."""
+    system.run_batch(prompts[:1], 2)  # warm
+    timings = system.serve(arrivals, prompts, max_new_tokens)
+    ttft = [t.ttft_s for t in timings if t.tokens]
+    gaps = [g for t in timings for g in t.gaps_s]
+    return {
+        "requests": len(timings),
+        "tokens": sum(t.tokens for t in timings),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "per_token_p50_s": percentile(gaps, 50),
+        "per_token_p95_s": percentile(gaps, 95),
+    }

@@ -1,0 +1,209 @@
+"""One reconcile of one HeliosDeployment on Kubernetes: read, observe, measure, step, act, report.
+
+Knows nothing of kopf: `handlers` passes the object's body in. Never raises for bad input: a spec
+that cannot work becomes a Ready=False condition and a Warning Event, and the serving workers are
+left untouched; API failures become a Degraded condition and the next reconcile retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from helios_operator import conditions, operator_metrics
+from helios_operator.model import (
+    EmitEvent,
+    EnsureWorker,
+    HeliosSpec,
+    SpecError,
+    Status,
+    StepInput,
+    StepResult,
+    TelemetrySnapshot,
+)
+from helios_operator.platforms.kubernetes import KubernetesPlatform, Owner
+from helios_operator.settings import Settings
+from helios_operator.telemetry import PrometheusTelemetry, TelemetryProvider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # ok | spec_error | platform_error | error
+    status: Status
+    telemetry: TelemetrySnapshot | None = None
+    requeue_after: float | None = None
+    actions: tuple[Any, ...] = ()
+
+
+@dataclass
+class Controller:
+    settings: Settings
+    platform: KubernetesPlatform
+    telemetry: TelemetryProvider
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+
+def make_controller(settings: Settings, telemetry: TelemetryProvider | None = None) -> Controller:
+    provider = telemetry or PrometheusTelemetry(
+        settings.prometheus_url, timeout_s=settings.query_timeout_s, stale_after_s=settings.stale_after_s
+    )
+    return Controller(settings=settings, platform=KubernetesPlatform(), telemetry=provider)
+
+
+def owner_of(body: Mapping[str, Any]) -> Owner:
+    meta = body.get("metadata") or {}
+    namespace = str(meta.get("namespace") or "default")
+    return Owner(namespace=namespace, name=str(meta["name"]), uid=str(meta.get("uid", "")))
+
+
+def read_spec(body: Mapping[str, Any], settings: Settings) -> HeliosSpec:
+    raw = dict(body.get("spec") or {})
+    spec = HeliosSpec.from_dict(raw)
+    if "image" not in (raw.get("worker") or {}):  # the operator-wide default image
+        spec = replace(spec, worker=replace(spec.worker, image=settings.worker_image))
+    return spec
+
+
+def read_status(body: Mapping[str, Any]) -> Status:
+    try:
+        return Status.from_dict(dict(body.get("status") or {}))
+    except (KeyError, TypeError, ValueError) as err:  # a hand-edited status: start over, say why
+        log.warning("status of %s is unreadable (%s); starting from an empty status", owner_of(body).name, err)
+        return Status()
+
+
+async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now: float | None = None) -> Outcome:
+    """Reconcile one HeliosDeployment once, under its lock; report the outcome to metrics."""
+    owner = owner_of(body)
+    clock = time.time() if now is None else now
+    async with controller.lock(owner.namespace, owner.name):
+        try:
+            outcome = await _reconcile(body, controller, owner, clock)
+        except Exception as err:  # a bug must not stop the loop; say it in status and retry
+            log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
+            outcome = await _report_platform_error(
+                controller.platform, owner, read_status(body), f"{type(err).__name__}: {err}", clock, "Error"
+            )
+            outcome = replace(outcome, result="error")
+    operator_metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
+    return outcome
+
+
+async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Owner, now: float) -> Outcome:
+    from helios_operator import reconcile, resources  # the step and the builders (pure)
+
+    platform = controller.platform
+    status = read_status(body)
+    generation = int((body.get("metadata") or {}).get("generation") or 0)
+    try:
+        spec = read_spec(body, controller.settings)
+    except SpecError as err:
+        return await _report_spec_error(platform, owner, status, str(err), now)
+
+    try:
+        observed = await asyncio.to_thread(platform.observe, owner)
+    except Exception as err:  # an unreachable API must not crash the operator
+        return await _report_platform_error(platform, owner, status, f"observing children failed: {err}", now)
+    try:
+        snapshot = await controller.telemetry(owner.namespace, owner.name, spec)
+    except Exception as err:  # a provider bug is a telemetry outage, not a crash
+        snapshot = TelemetrySnapshot("PrometheusError", f"{type(err).__name__}: {err}")
+
+    result: StepResult = reconcile.step(
+        StepInput(
+            name=owner.name,
+            generation=generation,
+            spec=spec,
+            status=status,
+            observed=observed,
+            telemetry=snapshot,
+            now=now,
+        )
+    )
+
+    def worker_manifest(action: EnsureWorker) -> dict[str, Any]:
+        return resources.worker_deployment(owner.name, owner.namespace, spec, action)
+
+    def service_manifest(pool: str) -> dict[str, Any]:
+        return resources.stable_service(owner.name, owner.namespace, pool)
+
+    new_status = result.status
+    outcome = "ok"
+    try:
+        await asyncio.to_thread(
+            platform.execute,
+            owner,
+            result.actions,
+            worker_manifest=worker_manifest,
+            service_manifest=service_manifest,
+        )
+    except Exception as err:  # PlatformError, or a manifest the API cannot take
+        outcome = "platform_error"
+        new_status = new_status.with_changes(
+            conditions=conditions.set_condition(
+                new_status.conditions, conditions.DEGRADED, "True", "PlatformError", f"{type(err).__name__}: {err}"[:1000], now
+            )
+        )
+    try:
+        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+    except Exception as err:
+        log.warning("patching the status of %s failed: %s", owner.name, err)
+        outcome = "platform_error"
+    return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions)
+
+
+async def _report_spec_error(
+    platform: KubernetesPlatform, owner: Owner, status: Status, message: str, now: float
+) -> Outcome:
+    """Ready=False with the reason, one Warning Event per new message; workers are left as they are."""
+    old = status.condition(conditions.READY)
+    new_status = status.with_changes(
+        conditions=conditions.set_condition(status.conditions, conditions.READY, "False", "InvalidSpec", message, now)
+    )
+    try:
+        if old is None or old.reason != "InvalidSpec" or old.message != message:
+            await asyncio.to_thread(platform.emit_event, owner, EmitEvent("InvalidSpec", message, "Warning"))
+        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+    except Exception as err:
+        log.warning("reporting the spec error of %s failed: %s", owner.name, err)
+    return Outcome("spec_error", new_status)
+
+
+async def _report_platform_error(
+    platform: KubernetesPlatform, owner: Owner, status: Status, message: str, now: float,
+    reason: str = "PlatformError",
+) -> Outcome:
+    new_status = status.with_changes(
+        conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", reason, message[:1000], now)
+    )
+    try:
+        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+    except Exception as err:
+        log.warning("reporting the platform error of %s failed: %s", owner.name, err)
+    return Outcome("platform_error", new_status)
+
+
+async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
+    """On deletion: delete the workers and the Service explicitly (the API server's garbage collector
+    would, through the ownerReferences; doing it here also works where no collector runs)."""
+    owner = owner_of(body)
+    platform = controller.platform
+    async with controller.lock(owner.namespace, owner.name):
+        observed = await asyncio.to_thread(platform.observe, owner)
+        for worker in observed.workers:
+            await asyncio.to_thread(platform.delete_worker, owner, worker.name)
+        await asyncio.to_thread(platform.delete_services, owner)
+    operator_metrics.forget(owner.namespace, owner.name)
+    controller._locks.pop((owner.namespace, owner.name), None)
+
+
+__all__ = ["Controller", "Outcome", "finalize", "make_controller", "reconcile_once"]

@@ -1,0 +1,97 @@
+"""kopf registrations only: each handler is one call into `controller`.
+
+Run with `helios operator` (or `kopf run -m helios_operator.handlers`). Settings come from flags
+and HELIOS_* variables (settings.py). `telemetry_provider` may be set before kopf starts to replace
+Prometheus (the tests do); None means Prometheus' HTTP API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from helios_operator import controller, names
+from helios_operator.settings import Settings, add_arguments, load_settings, settings_from_namespace
+from helios_operator.telemetry import TelemetryProvider
+
+telemetry_provider: TelemetryProvider | None = None
+configured: Settings | None = None  # set by run_operator; otherwise read from HELIOS_* at start-up
+_RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    return info
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = configured or load_settings([], os.environ)
+    logging.getLogger("helios_operator").setLevel(ours.log_level)
+    _configure_kubernetes_client()
+    settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
+    memo.controller = controller.make_controller(ours, telemetry_provider)
+
+
+def _configure_kubernetes_client() -> None:
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        # The client reads KUBECONFIG when first imported; read it now, in case it changed since.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
+
+
+@kopf.on.create(*_RESOURCE)
+@kopf.on.resume(*_RESOURCE)
+@kopf.on.update(*_RESOURCE, field="spec")
+async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await controller.reconcile_once(body, memo.controller)
+
+
+@kopf.daemon(*_RESOURCE, cancellation_timeout=5.0)
+async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """The periodic reconcile: every resync_interval_s, sooner when the step asks (requeue_after)."""
+    ctl: controller.Controller = memo.controller
+    while not stopped:
+        outcome = await controller.reconcile_once(body, ctl)
+        delay = ctl.settings.resync_interval_s
+        if outcome.requeue_after is not None:
+            delay = max(0.05, min(delay, outcome.requeue_after))
+        await stopped.wait(delay)
+        await asyncio.sleep(0)
+
+
+@kopf.on.delete(*_RESOURCE)
+async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await controller.finalize(body, memo.controller)
+
+
+# ---------------------------------------------------------------------------------------------
+# `helios operator`
+
+
+def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
+    parser.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+
+
+def run_operator(ns: argparse.Namespace) -> int:
+    global configured
+    configured = settings_from_namespace(ns)
+    logging.basicConfig(level=configured.log_level)
+    kopf.run(
+        clusterwide=not configured.namespaces,
+        namespaces=list(configured.namespaces),
+        standalone=bool(getattr(ns, "standalone", False)),
+        liveness_endpoint=getattr(ns, "liveness", None),
+    )
+    return 0

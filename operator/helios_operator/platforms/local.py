@@ -1,0 +1,376 @@
+"""The local platform: the operator's actions executed as worker processes on loopback.
+
+Kubernetes turns an EnsureWorker into a Deployment whose pods the kubelet starts, probes and
+restarts; here one object plays all three roles, so the same reconcile step can drive either:
+
+- EnsureWorker  -> `python -m helios_worker ... --port 0 --port-file F` subprocesses (replicas =
+                   processes),
+                   ready once their /readyz answers 200; a process that exits is replaced, with
+                   back-off, like a pod under a restart policy of Always.
+- DeleteWorker  -> drain: the router stops sending it new requests, in-flight ones finish, then
+                   SIGTERM (the worker drains what it still holds and exits), then reap.
+- PointService  -> the router (the stable endpoint) sends new requests to that pool.
+- EmitEvent     -> an event log the demo shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from helios_operator.model import (
+    Action,
+    DeleteWorker,
+    EmitEvent,
+    EnsureWorker,
+    HeliosSpec,
+    Observed,
+    ObservedWorker,
+    PointService,
+)
+from helios_operator.router import Router
+
+LOOPBACK = "127.0.0.1"
+MAX_RESTART_BACKOFF_S = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything one worker process is started with."""
+
+    deployment: str
+    worker: str
+    candidate: str
+    model: str
+    depth: int
+    profile: bool
+    threshold: float
+    breach_window: int
+    port_file: Path  # the worker binds port 0 and writes the port it got here: no port races
+    max_batch: int = 64
+    host: str = LOOPBACK
+
+
+def worker_command(launch: WorkerLaunch) -> list[str]:
+    """The worker's command line, the same flags its container gets in Kubernetes."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "helios_worker",
+        "--model",
+        launch.model,
+        "--threshold",
+        str(launch.threshold),
+        "--breach-window",
+        str(launch.breach_window),
+        "--deployment",
+        launch.deployment,
+        "--candidate",
+        launch.candidate,
+        "--host",
+        launch.host,
+        "--port",
+        "0",
+        "--port-file",
+        str(launch.port_file),
+        "--max-batch",
+        str(launch.max_batch),
+    ]
+    if launch.depth > 0:  # 0: every layer the model has (the step does not know N before profiling)
+        cmd += ["--layers", str(launch.depth)]
+    if launch.profile:
+        cmd.append("--profile")
+    return cmd
+
+
+CommandBuilder = Callable[[WorkerLaunch], list[str]]
+
+
+@dataclass(frozen=True)
+class LocalEvent:
+    time: float
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Replica:
+    """One worker process: what a pod is in Kubernetes."""
+
+    process: asyncio.subprocess.Process
+    port_file: Path
+    log_path: Path
+    started_at: float
+    port: int = 0  # 0 until the worker has written its port file
+    ready: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def read_port(self) -> bool:
+        """Pick up the port the worker bound; False while it has not written it yet."""
+        if not self.port:
+            with contextlib.suppress(OSError, ValueError):
+                self.port = int(self.port_file.read_text().strip())
+        return bool(self.port)
+
+
+@dataclass
+class LocalWorker:
+    """One EnsureWorker's processes: what a Deployment is in Kubernetes."""
+
+    desired: EnsureWorker
+    created_at: float
+    replicas: list[Replica] = field(default_factory=list)
+    restarts: int = 0
+    next_start_at: float = 0.0  # restart back-off
+
+
+def read_rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc); 0 where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalPlatform:
+    """Executes actions as processes; observe() reports them as the step expects. See module doc."""
+
+    def __init__(
+        self,
+        deployment: str,
+        spec: HeliosSpec,
+        router: Router,
+        log_dir: Path,
+        *,
+        command: CommandBuilder = worker_command,
+        env: Mapping[str, str] | None = None,
+        drain_timeout_s: float = 120.0,
+        probe_timeout_s: float = 1.0,
+        on_event: Callable[[LocalEvent], None] | None = None,
+    ) -> None:
+        self.deployment = deployment
+        self.spec = spec
+        self.router = router
+        self.log_dir = log_dir
+        self._command = command
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._drain_timeout_s = drain_timeout_s
+        self._on_event = on_event
+        self._workers: dict[str, LocalWorker] = {}
+        self._service_pool: str | None = None
+        self._known_pools: set[str] = set()
+        self._started = 0
+        self._draining: set[asyncio.Task[None]] = set()
+        self._probe = httpx.AsyncClient(timeout=probe_timeout_s)
+        self.events: list[LocalEvent] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    async def apply(self, actions: Sequence[Action]) -> None:
+        """Execute actions in order; each is idempotent, as on the Kubernetes platform."""
+        for action in actions:
+            if isinstance(action, EnsureWorker):
+                await self._ensure(action)
+            elif isinstance(action, DeleteWorker):
+                self._delete(action.name)
+            elif isinstance(action, PointService):
+                self._point(action.pool)
+            elif isinstance(action, EmitEvent):
+                self.record(action.type, action.reason, action.message)
+
+    def record(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        event = LocalEvent(time.time(), type_, reason, message)
+        self.events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def _ensure(self, action: EnsureWorker) -> None:
+        current = self._workers.get(action.name)
+        if current is not None and replace(current.desired, replicas=action.replicas, pool=action.pool) != action:
+            self._delete(action.name)  # another model or depth under the same name: replace it
+            current = None
+        if current is None:
+            current = LocalWorker(desired=action, created_at=time.time())
+            self._workers[action.name] = current
+        current.desired = action
+        await self._scale(current)
+
+    async def _scale(self, worker: LocalWorker) -> None:
+        want = max(worker.desired.replicas, 0)
+        while len(worker.replicas) > want:
+            self._drain(worker.replicas.pop())
+        if len(worker.replicas) < want and time.time() >= worker.next_start_at:
+            for _ in range(want - len(worker.replicas)):
+                worker.replicas.append(await self._start(worker.desired, len(worker.replicas)))
+
+    async def _start(self, action: EnsureWorker, index: int) -> Replica:
+        self._started += 1
+        stem = f"{action.name}-{index}-{self._started}"
+        port_file = self.log_dir / f"{stem}.port"
+        port_file.unlink(missing_ok=True)
+        launch = WorkerLaunch(
+            deployment=self.deployment,
+            worker=action.name,
+            candidate=action.candidate,
+            model=action.model,
+            depth=action.depth,
+            profile=action.role == "profile",
+            threshold=self.spec.exit.confidence_threshold,
+            breach_window=self.spec.exit.breach_window,
+            port_file=port_file,
+            max_batch=self.spec.worker.max_batch,
+        )
+        log_path = self.log_dir / f"{stem}.log"
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *self._command(launch),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which drains
+            )
+        return Replica(process, port_file, log_path, time.time())
+
+    def _delete(self, name: str) -> None:
+        worker = self._workers.pop(name, None)
+        if worker is None:
+            return
+        for replica in worker.replicas:
+            self._drain(replica)
+        self._sync_router()
+
+    def _drain(self, replica: Replica) -> None:
+        if replica.port:
+            self.router.remove_member(replica.url)
+        task = asyncio.get_running_loop().create_task(self._drain_replica(replica))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain_replica(self, replica: Replica) -> None:
+        """Stop routing to it, let the router's in-flight requests finish, SIGTERM, reap."""
+        if replica.port:
+            await self.router.wait_idle(replica.url, self._drain_timeout_s)
+        proc = replica.process
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._drain_timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    def _point(self, pool: str) -> None:
+        self._service_pool = pool
+        self._sync_router()
+        self.router.point(pool)
+
+    # -- observation ------------------------------------------------------------------------------
+
+    async def observe(self) -> Observed:
+        """Probe every process (exit, /readyz), replace dead ones, and report what is ready."""
+        for name, worker in self._workers.items():
+            for replica in list(worker.replicas):
+                if replica.process.returncode is not None:
+                    worker.replicas.remove(replica)
+                    if replica.port:
+                        self.router.remove_member(replica.url)
+                    worker.restarts += 1
+                    worker.next_start_at = time.time() + min(2.0**worker.restarts, MAX_RESTART_BACKOFF_S)
+                    self.record(
+                        "Warning",
+                        "WorkerExited",
+                        f"{name} (port {replica.port}) exited with {replica.process.returncode}: "
+                        f"{log_tail(replica.log_path)}",
+                    )
+        everyone = [r for w in self._workers.values() for r in w.replicas]
+        await asyncio.gather(*(self._probe_ready(r) for r in everyone))
+        for worker in self._workers.values():
+            await self._scale(worker)
+        self._sync_router()
+        return Observed(
+            workers=tuple(
+                ObservedWorker(
+                    name=name,
+                    candidate=w.desired.candidate,
+                    depth=w.desired.depth,
+                    role=w.desired.role,
+                    pool=w.desired.pool,
+                    replicas=w.desired.replicas,
+                    ready_replicas=sum(r.ready for r in w.replicas),
+                    created_at=w.created_at,
+                )
+                for name, w in self._workers.items()
+            ),
+            service_pool=self._service_pool,
+        )
+
+    async def _probe_ready(self, replica: Replica) -> None:
+        if not replica.read_port():
+            return
+        try:
+            resp = await self._probe.get(replica.url + "/readyz")
+            replica.ready = resp.status_code == 200
+        except httpx.HTTPError:
+            replica.ready = False
+
+    def _sync_router(self) -> None:
+        """Each pool's members are the ready replicas of the workers in it (the Endpoints object)."""
+        pools: dict[str, list[str]] = {}
+        for w in self._workers.values():
+            members = pools.setdefault(w.desired.pool, [])
+            members.extend(r.url for r in w.replicas if r.ready)
+        for pool, members in pools.items():
+            self.router.set_pool(pool, members)
+        for pool in set(self._known_pools) - set(pools):
+            self.router.set_pool(pool, [])
+        self._known_pools = set(pools)
+
+    def endpoints(self) -> dict[str, str]:
+        """Ready replicas' base URLs -> their worker's name: what scrape_workers reads."""
+        return {r.url: name for name, w in self._workers.items() for r in w.replicas if r.ready}
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Resident memory of each worker's processes, summed over replicas."""
+        return {name: sum(read_rss_bytes(r.process.pid) for r in w.replicas) for name, w in self._workers.items()}
+
+    @property
+    def draining(self) -> int:
+        return len(self._draining)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Drain and stop every worker (in-flight requests finish first), then wait for them."""
+        for name in list(self._workers):
+            self._delete(name)
+        if self._draining:
+            await asyncio.gather(*list(self._draining), return_exceptions=True)
+        await self._probe.aclose()

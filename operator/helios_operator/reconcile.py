@@ -1,0 +1,470 @@
+"""The pure reconcile step: (spec, status, observed objects, telemetry, now) -> (actions, status).
+
+It reads nothing else, so an operator restart resumes from status and the observed objects, and the
+same step drives the Kubernetes platform and the local one. The state machine is drawn in
+docs/decisions.md. Actions are a diff against what is observed: applied, they converge to none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from helios_operator import conditions as cond
+from helios_operator import naming, policy
+from helios_operator.model import (
+    MAX_DECISIONS,
+    Action,
+    CandidateProfile,
+    Decision,
+    DeleteWorker,
+    EmitEvent,
+    EnsureWorker,
+    ObservedWorker,
+    Phase,
+    Placement,
+    PointService,
+    Status,
+    StepInput,
+    StepResult,
+)
+from helios_operator.resources import pool_selector
+
+BUSY_REQUEUE = 5.0  # profiling, reassessing, switching: something changes within seconds
+IDLE_REQUEUE = 30.0  # serving: telemetry moves on Prometheus' scrape interval
+
+Trigger = Literal["profiling", "breach", "reassessment", "rollback", "spec"]
+
+
+@dataclass
+class _Draft:
+    """The step's working state: the input, the status being built, the actions so far."""
+
+    inp: StepInput
+    status: Status
+    actions: list[Action] = field(default_factory=list)
+    degraded: tuple[str, str] | None = None  # (reason, message) found while stepping
+
+
+def step(inp: StepInput) -> StepResult:
+    """Advance the state machine by as many phases as the observations allow, then report."""
+    d = _Draft(inp, inp.status.with_changes(observed_generation=inp.generation))
+    for _ in range(6):  # a phase change runs the next phase's handler in the same step
+        phase = d.status.phase
+        _HANDLERS[phase](d)
+        if d.status.phase == phase:
+            break
+    status = _report(d)
+    busy = status.phase in ("Profiling", "Reassessing", "Switching", "Pending")
+    return StepResult(_normalise(d.actions), status, BUSY_REQUEUE if busy else IDLE_REQUEUE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def _pending(d: _Draft) -> None:
+    """Start a profiling round: every candidate at full depth, serving live traffic."""
+    r = d.status.profiling_round + 1
+    names = ", ".join(c.name for c in d.inp.spec.candidates)
+    _event(d, "ProfilingStarted", f"round {r}: profiling {names} at full depth on live traffic")
+    d.status = d.status.with_changes(
+        phase="Profiling", profiling_round=r, profiling_since=cond.timestamp(d.inp.now), target=None
+    )
+
+
+def _profiling(d: _Draft) -> None:
+    """Profiling (no active worker: the round's pool serves) or Reassessing (beside the active)."""
+    active = d.status.active
+    if active is not None and d.status.phase == "Profiling":
+        d.status = d.status.with_changes(phase="Reassessing")
+    keep = _ensure_round(d)
+    if active is None:
+        _point(d, _round_pool(d))
+    else:
+        _ensure_active(d, active)
+        keep.add(active.worker)
+    _collect(d, keep)
+    profiles = _completed_profiles(d)
+    if profiles is not None:
+        _conclude_profiling(d, profiles)
+
+
+def _switching(d: _Draft) -> None:
+    """Ensure the target, wait Ready, point the Service, then drain the rest; roll back on timeout."""
+    spec, obs, target, active = d.inp.spec, d.inp.observed, d.status.target, d.status.active
+    if target is None or spec.candidate(target.candidate) is None:
+        if target is not None:
+            _event(d, "SwitchAborted", f"{target.candidate} left the spec; not switching to it", "Warning")
+            _delete(d, target.worker)
+        d.status = d.status.with_changes(phase="Serving" if active else "Pending", target=None)
+        return
+    desired = max(1, spec.replicas)
+    _ensure(d, target.worker, target.candidate, target.depth, "serve", target.worker, desired)
+    keep = {target.worker}
+    if active is not None:
+        _ensure_active(d, active)
+        keep.add(active.worker)
+    else:
+        keep |= _ensure_round(d)
+    worker = obs.worker(target.worker)
+    ready = worker is not None and worker.ready_replicas >= desired
+    if obs.service_pool == target.worker:  # the Service moved: the switch is committed
+        _collect(d, {target.worker})
+        since = cond.timestamp(d.inp.now)
+        _event(d, "Switched", f"serving {target.candidate} at {target.depth} layers ({target.worker})")
+        d.status = d.status.with_changes(
+            phase="Serving",
+            active=Placement(target.candidate, target.depth, target.worker, since),
+            target=None,
+            requests_at_assessment=0.0,
+            switch_started="",
+        )
+        return
+    _collect(d, keep)
+    if ready:
+        _point(d, target.worker)
+        return
+    started = cond.parse_timestamp(d.status.switch_started) or d.inp.now
+    timeout = spec.rollout.ready_timeout_seconds
+    if d.inp.now - started < timeout:
+        return
+    _delete(d, target.worker)
+    serving = f"{active.candidate} at {active.depth} layers" if active else f"the profiling pool {_round_pool(d)}"
+    why = f"{target.candidate} at {target.depth} layers was not Ready within {timeout}s: rolled back;"
+    why += f" {serving} keeps serving"
+    _decide(d, "rollback", target.candidate, target.depth, why, applied=True)
+    d.status = d.status.with_changes(phase="Serving", target=None, switch_started="")
+
+
+def _serving(d: _Draft) -> None:
+    active = d.status.active
+    if active is None:
+        _serving_from_round(d)
+        return
+    spec, tel = d.inp.spec, d.inp.telemetry
+    if spec.candidate(active.candidate) is None:
+        _event(d, "CandidateRemoved", f"{active.candidate} left the spec; re-profiling beside it", "Warning")
+        _start_reassessment(d)
+        return
+    _ensure_active(d, active)
+    _point(d, active.worker)
+    _collect(d, {active.worker})
+    worker = tel.worker(active.worker)
+    if not tel.available or worker is None or spec.mode != "active":
+        return
+    at = d.status.requests_at_assessment
+    if worker.requests_ok < at:  # the worker's counters restarted
+        at = 0.0
+        d.status = d.status.with_changes(requests_at_assessment=at)
+    last = d.status.decisions[-1] if d.status.decisions else None
+    rolled_back = last is not None and last.trigger == "rollback"  # no retry storm: wait for reassessment
+    if policy.breach_triggered(worker, spec.exit) and not rolled_back:
+        _on_breach(d, active)
+    elif policy.reassessment_due(worker.requests_ok, at, spec.reassessment.every_requests):
+        _start_reassessment(d)
+
+
+def _serving_from_round(d: _Draft) -> None:
+    """No active worker (advisory mode, or the first switch rolled back): the round's pool serves."""
+    spec, tel = d.inp.spec, d.inp.telemetry
+    keep = _ensure_round(d)
+    _point(d, _round_pool(d))
+    _collect(d, keep)
+    last = d.status.decisions[-1] if d.status.decisions else None
+    if spec.mode == "active" and (last is None or last.trigger != "rollback"):
+        # Mode turned active, or status was lost: act on the profiles at hand.
+        choice = policy.choose(d.status.profiles, spec.objective, spec.accuracy_floor)
+        if choice is not None:
+            _decide(d, "spec", choice.candidate, choice.depth, choice.reason, applied=True)
+            _start_switch(d, choice)
+            return
+    if not tel.available:
+        return
+    served = sum(w.requests_ok for name in keep if (w := tel.worker(name)) is not None)
+    at = d.status.requests_at_assessment if served >= d.status.requests_at_assessment else 0.0
+    if not policy.reassessment_due(served, at, spec.reassessment.every_requests):
+        return
+    profiles = tuple(p for name in sorted(keep) if (w := tel.worker(name)) is not None and (p := w.profile))
+    d.status = d.status.with_changes(requests_at_assessment=served, profiles=profiles or d.status.profiles)
+    choice = policy.choose(profiles, spec.objective, spec.accuracy_floor)
+    if choice is None:
+        return
+    _decide(d, "reassessment", choice.candidate, choice.depth, choice.reason, applied=spec.mode == "active")
+    if spec.mode == "active":
+        _start_switch(d, choice)
+
+
+_HANDLERS = {
+    "Pending": _pending,
+    "Failed": _pending,
+    "Profiling": _profiling,
+    "Reassessing": _profiling,
+    "Switching": _switching,
+    "Serving": _serving,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transitions
+
+
+def _start_reassessment(d: _Draft) -> None:
+    r = d.status.profiling_round + 1
+    _event(d, "ReassessmentStarted", f"round {r}: re-profiling every candidate beside the active worker")
+    d.status = d.status.with_changes(phase="Reassessing", profiling_round=r, profiling_since=cond.timestamp(d.inp.now))
+
+
+def _on_breach(d: _Draft, active: Placement) -> None:
+    spec = d.inp.spec
+    result = policy.adapt(d.status.profiles, active.candidate, active.depth, spec.objective, spec.accuracy_floor)
+    if result.choice is not None:
+        _decide(d, "breach", result.choice.candidate, result.choice.depth, result.reason, applied=True)
+        _start_switch(d, result.choice)
+        return
+    last = d.status.decisions[-1] if d.status.decisions else None
+    if last is None or (last.trigger, last.candidate, last.depth, last.applied) != (
+        "breach",
+        active.candidate,
+        active.depth,
+        False,
+    ):  # record "no deeper option" once, not at every step of the storm
+        _decide(d, "breach", active.candidate, active.depth, result.reason, applied=False)
+
+
+def _conclude_profiling(d: _Draft, profiles: tuple[CandidateProfile, ...]) -> None:
+    spec, active = d.inp.spec, d.status.active
+    d.status = d.status.with_changes(profiles=profiles)
+    if active is None:
+        choice = policy.choose(profiles, spec.objective, spec.accuracy_floor)
+        if choice is None:
+            return
+        applied = spec.mode == "active"
+        _decide(d, "profiling", choice.candidate, choice.depth, choice.reason, applied=applied)
+        served = sum(w.requests_ok for w in d.inp.telemetry.workers if w.worker in _round_names(d))
+        d.status = d.status.with_changes(requests_at_assessment=served)
+        if applied:
+            _start_switch(d, choice)
+        else:
+            d.status = d.status.with_changes(phase="Serving")
+        return
+    trigger: Trigger = "spec" if spec.candidate(active.candidate) is None else "reassessment"
+    result = policy.reassess(profiles, active.candidate, active.depth, spec.objective, spec.accuracy_floor)
+    for name in _round_names(d):
+        _delete(d, name)
+    worker = d.inp.telemetry.worker(active.worker)
+    d.status = d.status.with_changes(requests_at_assessment=worker.requests_ok if worker else 0.0)
+    if result.switch and result.choice is not None:
+        _decide(d, trigger, result.choice.candidate, result.choice.depth, result.reason, applied=True)
+        _start_switch(d, result.choice)
+        return
+    _decide(d, trigger, active.candidate, active.depth, result.reason, applied=True)
+    d.status = d.status.with_changes(phase="Serving")
+
+
+def _start_switch(d: _Draft, choice: policy.Choice) -> None:
+    name = naming.serve_worker(d.inp.name, choice.candidate, choice.depth)
+    active = d.status.active
+    if active is not None and active.worker == name:
+        d.status = d.status.with_changes(phase="Serving", target=None)
+        return
+    _event(d, "SwitchStarted", f"starting {name}: {choice.candidate} at {choice.depth}/{choice.model_layers} layers")
+    d.status = d.status.with_changes(
+        phase="Switching",
+        target=Placement(choice.candidate, choice.depth, name, cond.timestamp(d.inp.now)),
+        switch_started=cond.timestamp(d.inp.now),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling rounds
+
+
+def _round_pool(d: _Draft) -> str:
+    active = d.status.active
+    return active.worker if active is not None else naming.profile_pool(d.inp.name, d.status.profiling_round)
+
+
+def _round_names(d: _Draft) -> dict[str, str]:
+    """Profile worker name -> candidate, for this round and the spec's candidates."""
+    r = d.status.profiling_round
+    return {naming.profile_worker(d.inp.name, r, c.name): c.name for c in d.inp.spec.candidates}
+
+
+def _ensure_round(d: _Draft) -> set[str]:
+    pool = _round_pool(d)
+    for name, candidate in _round_names(d).items():
+        c = d.inp.spec.candidate(candidate)
+        depth = (c.layers if c else None) or 0  # 0: all layers, read from the model's config
+        _ensure(d, name, candidate, depth, "profile", pool, 1)
+    return set(_round_names(d))
+
+
+def _completed_profiles(d: _Draft) -> tuple[CandidateProfile, ...] | None:
+    """The round's profiles once every candidate served enough requests, or at the timeout those
+    that served any (the silent ones are dropped with a Warning); None while waiting."""
+    tel, spec = d.inp.telemetry, d.inp.spec
+    if not tel.available:
+        return None  # never decide from missing telemetry
+    need = spec.profiling.requests_per_candidate
+    got: dict[str, CandidateProfile] = {}
+    for name, candidate in _round_names(d).items():
+        w = tel.worker(name)
+        if w is not None and w.profile is not None:
+            got[candidate] = w.profile
+    if got and all(c.name in got and got[c.name].profiled_requests >= need for c in spec.candidates):
+        return tuple(got[c.name] for c in spec.candidates)
+    since = cond.parse_timestamp(d.status.profiling_since) or d.inp.now
+    if d.inp.now - since < spec.profiling.timeout_seconds:
+        return None
+    heard = tuple(got[c.name] for c in spec.candidates if c.name in got and got[c.name].profiled_requests >= 1)
+    silent = [c.name for c in spec.candidates if c.name not in {p.candidate for p in heard}]
+    if not heard:
+        d.degraded = ("ProfilingTimedOut", f"no candidate served a request within {spec.profiling.timeout_seconds}s")
+        return None
+    for name in silent:
+        _event(d, "CandidateDropped", f"{name} served no request within {spec.profiling.timeout_seconds}s", "Warning")
+    return heard
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions as a diff against what is observed
+
+
+def _ensure(
+    d: _Draft, name: str, candidate: str, depth: int, role: Literal["profile", "serve"], pool: str, replicas: int
+) -> None:
+    c = d.inp.spec.candidate(candidate)
+    if c is None:
+        return
+    seen = d.inp.observed.worker(name)
+    if seen is not None and seen.replicas == replicas and seen.pool == pool:
+        return
+    d.actions.append(EnsureWorker(name, candidate, c.model, depth, role, pool, replicas))
+
+
+def _ensure_active(d: _Draft, active: Placement) -> None:
+    """The scale subresource drives spec.replicas; the operator alone writes the Deployment."""
+    _ensure(d, active.worker, active.candidate, active.depth, "serve", active.worker, d.inp.spec.replicas)
+
+
+def _delete(d: _Draft, name: str) -> None:
+    if d.inp.observed.worker(name) is not None:
+        d.actions.append(DeleteWorker(name))
+
+
+def _ready_in(workers: tuple[ObservedWorker, ...], pool: str) -> bool:
+    return any(w.pool == pool and w.ready_replicas > 0 for w in workers)
+
+
+def _point(d: _Draft, pool: str) -> None:
+    """Point the Service at a pool, never at one without a Ready worker."""
+    obs = d.inp.observed
+    if obs.service_pool != pool and _ready_in(obs.workers, pool):
+        d.actions.append(PointService(pool))
+
+
+def _collect(d: _Draft, keep: set[str]) -> None:
+    """Delete the workers not kept, but never the last Ready ones the Service selects."""
+    obs = d.inp.observed
+    kept_serving = _ready_in(tuple(w for w in obs.workers if w.name in keep), obs.service_pool or "")
+    for w in obs.workers:
+        if w.name not in keep and (w.pool != obs.service_pool or kept_serving):
+            d.actions.append(DeleteWorker(w.name))
+
+
+def _event(d: _Draft, reason: str, message: str, type_: Literal["Normal", "Warning"] = "Normal") -> None:
+    d.actions.append(EmitEvent(reason, message, type_))
+
+
+def _decide(d: _Draft, trigger: Trigger, candidate: str, depth: int, reason: str, applied: bool) -> None:
+    decision = Decision(cond.timestamp(d.inp.now), trigger, candidate, depth, reason, applied)
+    d.status = d.status.with_changes(decisions=(*d.status.decisions, decision)[-MAX_DECISIONS:])
+    if trigger == "rollback":
+        _event(d, "RolledBack", reason, "Warning")
+    else:
+        _event(d, "Decided" if applied else "Advised", f"{trigger}: {reason}")
+
+
+def _normalise(actions: list[Action]) -> tuple[Action, ...]:
+    """The last word per worker and for the Service wins; events are kept once each, in order."""
+    last: dict[str, int] = {}
+    for i, a in enumerate(actions):
+        if isinstance(a, EnsureWorker | DeleteWorker):
+            last[a.name] = i
+        elif isinstance(a, PointService):
+            last["\0service"] = i
+    out: list[Action] = []
+    for i, a in enumerate(actions):
+        if isinstance(a, EnsureWorker | DeleteWorker) and last[a.name] != i:
+            continue
+        if isinstance(a, PointService) and last["\0service"] != i:
+            continue
+        if a not in out:
+            out.append(a)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting: replicas, selector, conditions
+
+
+def _report(d: _Draft) -> Status:
+    inp, s = d.inp, d.status
+    obs, now = inp.observed, inp.now
+    serving_pool = s.active.worker if s.active is not None else naming.profile_pool(inp.name, s.profiling_round)
+    members = [w for w in obs.workers if w.pool == serving_pool]
+    if s.active is not None:
+        members = [w for w in members if w.name == s.active.worker]
+    replicas = sum(w.replicas for w in members)
+    ready = sum(w.ready_replicas for w in members)
+    s = s.with_changes(replicas=replicas, ready_replicas=ready, selector=pool_selector(inp.name, serving_pool))
+    c = s.conditions
+    service_ready = sum(w.ready_replicas for w in obs.workers if w.pool == obs.service_pool)
+    if obs.service_pool is not None and service_ready > 0:
+        c = cond.set_condition(c, cond.READY, "True", "Serving", f"pool {obs.service_pool}: {service_ready} ready", now)
+    else:
+        c = cond.set_condition(c, cond.READY, "False", "NoReadyWorker", "no Ready worker behind the Service yet", now)
+    c = cond.set_condition(c, cond.PROFILING, *_profiling_condition(d, s), now)
+    tel = inp.telemetry
+    if tel.available:
+        c = cond.set_condition(c, cond.METRICS_AVAILABLE, "True", "MetricsOk", tel.message or "telemetry is fresh", now)
+    else:
+        reason = {"Missing": "MetricsMissing", "Stale": "MetricsStale"}.get(tel.reason, tel.reason)
+        msg = tel.message or f"telemetry unavailable ({tel.reason}): no decision is taken from it"
+        c = cond.set_condition(c, cond.METRICS_AVAILABLE, "False", reason, msg, now)
+    if s.phase == "Switching" and s.target is not None:
+        t = s.target
+        c = cond.set_condition(
+            c, cond.ROLLOUT_PROGRESSING, "True", "Switching", f"to {t.candidate} at {t.depth} layers ({t.worker})", now
+        )
+    else:
+        c = cond.set_condition(c, cond.ROLLOUT_PROGRESSING, "False", "Idle", "no switch in progress", now)
+    degraded = d.degraded or _degraded(d, s)
+    if degraded is not None:
+        c = cond.set_condition(c, cond.DEGRADED, "True", degraded[0], degraded[1], now)
+    else:
+        c = cond.set_condition(c, cond.DEGRADED, "False", "AsExpected", "serving as decided", now)
+    return s.with_changes(conditions=c)
+
+
+def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"], str, str]:
+    if s.phase not in ("Profiling", "Reassessing"):
+        return "False", "Profiled", f"{len(s.profiles)} candidate(s) profiled"
+    need = d.inp.spec.profiling.requests_per_candidate
+    progress = []
+    for name, candidate in _round_names(d).items():
+        w = d.inp.telemetry.worker(name)
+        done = w.profile.profiled_requests if w is not None and w.profile is not None else 0
+        progress.append(f"{candidate} {done}/{need}")
+    return "True", s.phase, f"round {s.profiling_round}: " + ", ".join(progress)
+
+
+def _degraded(d: _Draft, s: Status) -> tuple[str, str] | None:
+    phase: Phase = s.phase
+    if s.active is None and phase == "Serving" and d.inp.spec.mode == "active":
+        last = s.decisions[-1] if s.decisions else None
+        return "RolloutFailed", last.reason if last else "no serve worker"
+    if s.active is not None and s.ready_replicas < d.inp.spec.replicas:
+        return "ReplicasUnavailable", f"{s.ready_replicas}/{d.inp.spec.replicas} replicas of {s.active.worker} ready"
+    return None

@@ -1,0 +1,272 @@
+"""Pure builders: manifests for the worker Deployments, the stable Service and the ServiceMonitor.
+
+Dicts ready for the Kubernetes API. Owner references are added here when the owner's uid is given;
+otherwise the platform adopts the object (it knows the owner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from helios_operator import names, naming
+from helios_operator.model import EnsureWorker, HeliosSpec, SpecError
+
+GPU = "nvidia.com/gpu"
+MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
+HF_DIR = f"{MODELS_ROOT}/hf"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Operator-wide knobs of the worker pods (not per HeliosDeployment)."""
+
+    startup_period_seconds: int = 5
+    startup_failure_threshold: int = 120  # 10 minutes to load weights before the kubelet restarts it
+    termination_grace_seconds: int = 120  # in-flight generations finish
+    pre_stop_sleep_seconds: int = 10  # endpoints drop the pod before it starts draining
+    scrape_interval: str = "15s"
+
+
+DEFAULT_SETTINGS = WorkerSettings()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the worker reads the model and what the pod needs for that."""
+
+    path: str
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+    init_containers: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pool_selector(hd_name: str, pool: str) -> str:
+    """The label selector string of a pool (status.selector, for the scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in _pool_labels(hd_name, pool).items())
+
+
+def _pool_labels(hd_name: str, pool: str) -> dict[str, str]:
+    return {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_POOL: pool}
+
+
+def worker_labels(hd_name: str, action: EnsureWorker) -> dict[str, str]:
+    """Every label a worker Deployment and its pods carry; the platform observes workers by them."""
+    return {
+        names.LABEL_APP: names.APP_NAME,
+        names.LABEL_MANAGED_BY: names.MANAGER,
+        names.LABEL_DEPLOYMENT: hd_name,
+        names.LABEL_CANDIDATE: action.candidate,
+        names.LABEL_DEPTH: str(action.depth),
+        names.LABEL_ROLE: action.role,
+        names.LABEL_WORKER: action.name,
+        names.LABEL_POOL: action.pool,
+    }
+
+
+def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -> ModelSource:
+    """local path as is; pvc://claim/path mounted read-only; hf://org/name downloaded by an init
+    container into an emptyDir (needs the hub reachable from the cluster, HF_TOKEN from worker.env)."""
+    if model.startswith("pvc://"):
+        claim, _, sub = model.removeprefix("pvc://").partition("/")
+        if not claim:
+            raise SpecError(f"model {model!r}: pvc:// needs a claim name, as pvc://claim/path")
+        volume = naming.dns_label(f"model-{claim}")
+        root = f"{MODELS_ROOT}/{claim}"
+        return ModelSource(
+            path=f"{root}/{sub}".rstrip("/"),
+            volumes=({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},),
+            mounts=({"name": volume, "mountPath": root, "readOnly": True},),
+        )
+    if model.startswith("hf://"):
+        repo = model.removeprefix("hf://").strip("/")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise SpecError(f"model {model!r}: hf:// needs org/name, as hf://org/name")
+        path = f"{HF_DIR}/{repo.replace('/', '--')}"
+        mount = {"name": "hf-models", "mountPath": HF_DIR}
+        fetch = {
+            "name": "fetch-model",
+            "image": image,
+            "command": ["python", "-c"],
+            "args": [
+                "import sys; from huggingface_hub import snapshot_download;"
+                " snapshot_download(sys.argv[1], local_dir=sys.argv[2])",
+                repo,
+                path,
+            ],
+            "env": [*env, {"name": "HF_HOME", "value": "/tmp/hf-home"}],
+            "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
+            "securityContext": _container_security(),
+        }
+        return ModelSource(path, ({"name": "hf-models", "emptyDir": {}},), ({**mount, "readOnly": True},), (fetch,))
+    if "://" in model:
+        raise SpecError(f"model {model!r}: use a local path, pvc://claim/path or hf://org/name")
+    return ModelSource(path=model)
+
+
+def worker_args(hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path: str) -> list[str]:
+    """The worker's command line; depth 0 (all layers) leaves --layers out."""
+    args = ["helios", "worker", "--model", model_path]
+    if action.depth > 0:
+        args += ["--layers", str(action.depth)]
+    args += ["--threshold", str(spec.exit.confidence_threshold), "--breach-window", str(spec.exit.breach_window)]
+    args += ["--max-batch", str(spec.worker.max_batch)]
+    if action.role == "profile":
+        args.append("--profile")
+    args += ["--deployment", hd_name, "--candidate", action.candidate, "--host", "0.0.0.0"]
+    return [*args, "--port", str(names.WORKER_PORT)]
+
+
+def worker_deployment(
+    hd_name: str,
+    namespace: str,
+    spec: HeliosSpec,
+    action: EnsureWorker,
+    *,
+    owner_uid: str | None = None,
+    settings: WorkerSettings = DEFAULT_SETTINGS,
+) -> dict[str, Any]:
+    """An apps/v1 Deployment running one worker: non-root, probed, drained on stop, scraped."""
+    source = model_source(action.model, spec.worker.image, spec.worker.env)
+    labels = worker_labels(hd_name, action)
+    resources = dict(spec.worker.resources) or {"limits": {GPU: 1}}
+    http = names.WORKER_PORT_NAME
+    container = {
+        "name": "worker",
+        "image": spec.worker.image,
+        "args": worker_args(hd_name, spec, action, source.path),
+        "ports": [{"name": http, "containerPort": names.WORKER_PORT, "protocol": "TCP"}],
+        "env": list(spec.worker.env),
+        "resources": resources,
+        "startupProbe": {
+            "httpGet": {"path": "/readyz", "port": http},
+            "periodSeconds": settings.startup_period_seconds,
+            "failureThreshold": settings.startup_failure_threshold,
+        },
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": http}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": http}, "periodSeconds": 10, "failureThreshold": 3},
+        "lifecycle": {"preStop": {"sleep": {"seconds": settings.pre_stop_sleep_seconds}}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *source.mounts],
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *source.volumes],
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "enableServiceLinks": False,
+    }
+    if source.init_containers:
+        pod_spec["initContainers"] = list(source.init_containers)
+    if spec.worker.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.worker.node_selector)
+    if spec.worker.tolerations:
+        pod_spec["tolerations"] = list(spec.worker.tolerations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(action.name, namespace, labels, owner_uid, hd_name),
+        "spec": {
+            "replicas": action.replicas,
+            "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_WORKER: action.name}},
+            # A worker's depth never changes in place, so old pods go only once new ones are Ready.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(names.WORKER_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _service_labels(hd_name: str, kind: str) -> dict[str, str]:
+    return {
+        names.LABEL_APP: names.APP_NAME,
+        names.LABEL_MANAGED_BY: names.MANAGER,
+        names.LABEL_DEPLOYMENT: hd_name,
+        names.LABEL_SERVICE: kind,
+    }
+
+
+def _http_port() -> dict[str, Any]:
+    http = names.WORKER_PORT_NAME
+    return {"name": http, "port": names.WORKER_PORT, "targetPort": http, "protocol": "TCP"}
+
+
+def stable_service(hd_name: str, namespace: str, pool: str, *, owner_uid: str | None = None) -> dict[str, Any]:
+    """The Service clients call, named like the HeliosDeployment; the operator moves its selector."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(hd_name, namespace, _service_labels(hd_name, names.SERVICE_STABLE), owner_uid, hd_name),
+        "spec": {"type": "ClusterIP", "selector": _pool_labels(hd_name, pool), "ports": [_http_port()]},
+    }
+
+
+def metrics_service(hd_name: str, namespace: str, *, owner_uid: str | None = None) -> dict[str, Any]:
+    """A headless Service over every worker of the HeliosDeployment, whatever its pool, so that
+    profiling workers outside the stable Service's pool are scraped too."""
+    name = naming.dns_label(f"{hd_name}-metrics")
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, _service_labels(hd_name, names.SERVICE_METRICS), owner_uid, hd_name),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_APP: names.APP_NAME},
+            "ports": [_http_port()],
+        },
+    }
+
+
+def service_monitor(
+    hd_name: str, namespace: str, *, owner_uid: str | None = None, settings: WorkerSettings = DEFAULT_SETTINGS
+) -> dict[str, Any]:
+    """Prometheus Operator scrape config for every worker, through the headless metrics Service."""
+    labels = _service_labels(hd_name, names.SERVICE_METRICS)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _metadata(naming.dns_label(f"{hd_name}-workers"), namespace, labels, owner_uid, hd_name),
+        "spec": {
+            "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_SERVICE: names.SERVICE_METRICS}},
+            "namespaceSelector": {"matchNames": [namespace]},
+            "endpoints": [{"port": names.WORKER_PORT_NAME, "path": "/metrics", "interval": settings.scrape_interval}],
+        },
+    }
+
+
+def _metadata(
+    name: str, namespace: str, labels: dict[str, str], owner_uid: str | None, owner_name: str
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
+    if owner_uid:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": names.API_VERSION,
+                "kind": names.KIND,
+                "name": owner_name,
+                "uid": owner_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

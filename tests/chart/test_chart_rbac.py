@@ -1,0 +1,97 @@
+"""The operator's RBAC: written once (charts/helios/files/rbac.yaml), least privilege, scoped by watchNamespaces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from chart_render import CHART, NAMESPACE, RELEASE, VALUE_SETS, manifests, one
+
+RULES_FILE = CHART / "files" / "rbac.yaml"
+
+# What the operator calls (kopf --standalone plus the kubernetes client), as (apiGroup, resource, verb).
+EXPECTED_NAMESPACED = {
+    *(("helios.dev", "heliosdeployments", v) for v in ("get", "list", "watch", "patch")),
+    *(("helios.dev", "heliosdeployments/status", v) for v in ("get", "patch", "update")),
+    *(("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
+    *(("", "services", v) for v in ("get", "list", "watch", "create", "patch")),
+    *(("", "events", v) for v in ("create", "patch")),
+    *(("events.k8s.io", "events", v) for v in ("create", "patch")),
+}
+EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "list", "create", "patch")}
+EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+EXPECTED_ALL_NAMESPACES = {("", "namespaces", v) for v in ("list", "watch")}
+
+
+def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def _file() -> dict[str, list[dict[str, Any]]]:
+    data: dict[str, list[dict[str, Any]]] = yaml.safe_load(RULES_FILE.read_text())
+    return data
+
+
+def test_the_rules_file_grants_exactly_what_the_operator_calls() -> None:
+    rules = _file()
+    assert set(rules) == {"namespaced", "serviceMonitor", "cluster", "allNamespaces"}
+    assert _triples(rules["namespaced"]) == EXPECTED_NAMESPACED
+    assert _triples(rules["serviceMonitor"]) == EXPECTED_SERVICE_MONITOR
+    assert _triples(rules["cluster"]) == EXPECTED_CLUSTER
+    assert _triples(rules["allNamespaces"]) == EXPECTED_ALL_NAMESPACES
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_no_wildcards_secrets_pods_peering_or_escalation_anywhere(value_set: str) -> None:
+    for doc in manifests(value_set):
+        if doc["kind"] not in ("ClusterRole", "Role"):
+            continue
+        for group, resource, verb in _triples(doc["rules"]):
+            assert "*" not in (group, resource, verb)
+            assert resource not in {"secrets", "pods", "pods/exec", "leases", "kopfpeerings", "clusterkopfpeerings"}
+            assert verb not in {"escalate", "bind", "impersonate", "deletecollection"}
+
+
+def test_all_namespaces_mode_uses_cluster_roles_rendered_from_the_file() -> None:
+    docs = manifests("defaults")
+    rules = _file()
+    assert _triples(one(docs, "ClusterRole", RELEASE)["rules"]) == _triples(rules["namespaced"])
+    assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(
+        rules["cluster"] + rules["allNamespaces"]
+    )
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_service_monitor_rights_come_only_with_service_monitors() -> None:
+    assert not EXPECTED_SERVICE_MONITOR & _triples(one(manifests("defaults"), "ClusterRole", RELEASE)["rules"])
+    assert _triples(one(manifests("monitoring"), "ClusterRole", RELEASE)["rules"]) >= EXPECTED_SERVICE_MONITOR
+
+
+def test_namespaced_mode_grants_a_role_per_watched_namespace_and_no_cluster_wide_write() -> None:
+    docs = manifests("namespaced")
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    for role in roles:
+        assert _triples(role["rules"]) == EXPECTED_NAMESPACED | EXPECTED_SERVICE_MONITOR
+    (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert _triples(cluster_role["rules"]) == EXPECTED_CLUSTER  # no namespaces, nothing writable
+
+
+@pytest.mark.parametrize("value_set", ["defaults", "monitoring", "namespaced"])
+def test_every_binding_binds_the_operators_account_to_a_rendered_role(value_set: str) -> None:
+    docs = manifests(value_set)
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account
+    roles = {
+        (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"))
+        for d in docs
+        if d["kind"] in ("Role", "ClusterRole")
+    }
+    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert bindings
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+        ref = binding["roleRef"]
+        namespace = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        assert (ref["kind"], ref["name"], namespace) in roles

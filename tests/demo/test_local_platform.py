@@ -1,0 +1,195 @@
+"""The local platform runs the operator's actions as real processes on loopback.
+
+Most tests start `fake_worker.py` (a real uvicorn server taking the worker's flags) so process
+management is tested in seconds; the last ones start the real worker on a trained model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helios_operator.model import (
+    Candidate,
+    DeleteWorker,
+    EmitEvent,
+    EnsureWorker,
+    HeliosSpec,
+    Observed,
+    PointService,
+)
+from helios_operator.platforms.local import LocalEvent, LocalPlatform, WorkerLaunch, worker_command
+from helios_operator.router import Router
+
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+SPEC = HeliosSpec(candidates=(Candidate("tiny", "/models/tiny"), Candidate("small", "/models/small")))
+pytestmark = pytest.mark.timeout(180)
+
+
+def fake_command(launch: WorkerLaunch) -> list[str]:
+    return [sys.executable, str(FAKE_WORKER), *worker_command(launch)[3:]]
+
+
+def ensure(name: str, pool: str, replicas: int = 1, candidate: str = "tiny", depth: int = 2) -> EnsureWorker:
+    return EnsureWorker(name, candidate, f"/models/{candidate}", depth, "serve", pool, replicas)
+
+
+@pytest.fixture
+async def platform(tmp_path: Path) -> AsyncIterator[LocalPlatform]:
+    router = Router(retry_seconds=5.0)
+    await router.start()
+    p = LocalPlatform("demo", SPEC, router, tmp_path / "logs", command=fake_command, drain_timeout_s=20)
+    try:
+        yield p
+    finally:
+        await p.close()
+        await router.close()
+
+
+async def observe_until(
+    p: LocalPlatform, done: Callable[[Observed], bool], timeout: float = 30.0
+) -> Observed:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        observed = await p.observe()
+        if done(observed):
+            return observed
+        assert loop.time() < deadline, f"timed out; last observed {observed}"
+        await asyncio.sleep(0.2)
+
+
+def ready(name: str, n: int) -> Callable[[Observed], bool]:
+    return lambda o: (w := o.worker(name)) is not None and w.ready_replicas == n
+
+
+def test_the_worker_command_carries_every_flag_the_worker_needs() -> None:
+    launch = WorkerLaunch("hd", "hd-p1-tiny", "tiny", "/m/tiny", 4, True, 0.8, 20, Path("/tmp/p"), max_batch=8)
+    cmd = worker_command(launch)
+    assert cmd[:3] == [sys.executable, "-m", "helios_worker"]
+    flags = dict(zip(cmd[3::2], cmd[4::2], strict=False))
+    assert flags["--model"] == "/m/tiny" and flags["--layers"] == "4" and flags["--max-batch"] == "8"
+    assert flags["--port"] == "0" and flags["--port-file"] == "/tmp/p"
+    assert flags["--threshold"] == "0.8" and flags["--breach-window"] == "20"
+    assert flags["--deployment"] == "hd" and flags["--candidate"] == "tiny" and flags["--host"] == "127.0.0.1"
+    assert cmd[-1] == "--profile"
+    serve = WorkerLaunch("hd", "w", "tiny", "/m", 4, False, 0.8, 20, Path("/tmp/q"))
+    assert "--profile" not in worker_command(serve)
+    every_layer = WorkerLaunch("hd", "w", "tiny", "/m", 0, True, 0.8, 20, Path("/tmp/q"))
+    assert "--layers" not in worker_command(every_layer)  # depth 0: the model's own layer count
+
+
+async def test_ensure_worker_starts_replicas_as_processes_and_reports_them_ready(platform: LocalPlatform) -> None:
+    await platform.apply([ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
+    first = await platform.observe()
+    assert first.worker("hd-tiny-l2") is not None and first.service_pool is None
+    observed = await observe_until(platform, ready("hd-tiny-l2", 2))
+    w = observed.worker("hd-tiny-l2")
+    assert w is not None and (w.candidate, w.depth, w.role, w.replicas) == ("tiny", 2, "serve", 2)
+    assert len(platform.endpoints()) == 2 and set(platform.endpoints().values()) == {"hd-tiny-l2"}
+    assert all(v > 0 for v in platform.resident_bytes().values())
+    # Idempotent: the same action again starts nothing new.
+    pids = {r.process.pid for r in platform._workers["hd-tiny-l2"].replicas}
+    await platform.apply([ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
+    assert {r.process.pid for r in platform._workers["hd-tiny-l2"].replicas} == pids
+
+
+async def test_point_service_routes_the_stable_endpoint_to_the_pool(platform: LocalPlatform) -> None:
+    await platform.apply([ensure("w1", "pool-a", replicas=2), PointService("pool-a")])
+    observed = await observe_until(platform, ready("w1", 2))
+    assert observed.service_pool == "pool-a"
+    async with httpx.AsyncClient(timeout=10) as client:
+        answers = [await client.post(platform.router.url + "/v1/completions", json={}) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({a.json()["worker"]["port"] for a in answers}) == 2
+
+
+async def test_scaling_down_drains_the_extra_process(platform: LocalPlatform) -> None:
+    await platform.apply([ensure("w1", "p", replicas=2)])
+    await observe_until(platform, ready("w1", 2))
+    gone = platform._workers["w1"].replicas[-1].process
+    await platform.apply([ensure("w1", "p", replicas=1)])
+    await asyncio.wait_for(gone.wait(), 20)
+    observed = await observe_until(platform, ready("w1", 1))
+    w = observed.worker("w1")
+    assert w is not None and w.replicas == 1 and len(platform.endpoints()) == 1
+
+
+async def test_a_switch_under_load_drops_no_request(platform: LocalPlatform) -> None:
+    """The operator's switch, run as actions: new worker ready, point, delete the old one."""
+    await platform.apply([ensure("old", "old"), PointService("old")])
+    await observe_until(platform, ready("old", 1))
+    old_proc = platform._workers["old"].replicas[0].process
+    statuses: list[int] = []
+    served_by: list[str] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client: httpx.AsyncClient, stream: bool) -> None:
+        while not stop.is_set():
+            body = {"stream": stream, "max_tokens": 4, "delay": 0.05}
+            resp = await client.post(platform.router.url + "/v1/completions", json=body)
+            statuses.append(resp.status_code)
+            if stream:
+                assert resp.text.rstrip().endswith("data: [DONE]")
+                first = resp.text.split("\n", 1)[0].removeprefix("data: ")
+                served_by.append(json.loads(first)["worker"]["candidate"])
+            else:
+                served_by.append(resp.json()["worker"]["candidate"])
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        tasks = [asyncio.create_task(client_loop(client, i % 2 == 0)) for i in range(4)]
+        await asyncio.sleep(0.5)
+        await platform.apply([ensure("new", "new", candidate="small", depth=3)])
+        await observe_until(platform, ready("new", 1))
+        await platform.apply([PointService("new"), DeleteWorker("old")])
+        observed = await platform.observe()
+        assert observed.worker("old") is None and observed.service_pool == "new"
+        await asyncio.wait_for(old_proc.wait(), 20)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert statuses and set(statuses) == {200}
+    assert "tiny" in served_by and served_by[-1] == "small"
+    assert platform.router.stats.failed == 0
+
+
+async def test_a_crashed_worker_process_is_replaced_and_reported(platform: LocalPlatform) -> None:
+    await platform.apply([ensure("w1", "p")])
+    await observe_until(platform, ready("w1", 1))
+    victim = platform._workers["w1"].replicas[0].process
+    os.kill(victim.pid, signal.SIGKILL)
+    await victim.wait()
+    await observe_until(platform, lambda o: any(e.reason == "WorkerExited" for e in platform.events))
+    observed = await observe_until(platform, ready("w1", 1), timeout=40)
+    assert observed.worker("w1") is not None
+    assert platform._workers["w1"].replicas[0].process.pid != victim.pid
+    assert platform._workers["w1"].restarts == 1
+
+
+async def test_events_are_recorded_and_handed_to_the_listener(tmp_path: Path) -> None:
+    seen: list[LocalEvent] = []
+    async with Router() as router:
+        p = LocalPlatform("demo", SPEC, router, tmp_path, command=fake_command, on_event=seen.append)
+        await p.apply([EmitEvent("Switching", "tiny@2 -> small@3"), EmitEvent("Breach", "60%", "Warning")])
+        await p.close()
+    assert [(e.reason, e.type) for e in p.events] == [("Switching", "Normal"), ("Breach", "Warning")]
+    assert seen == p.events
+
+
+async def test_close_drains_every_worker(tmp_path: Path) -> None:
+    async with Router() as router:
+        p = LocalPlatform("demo", SPEC, router, tmp_path, command=fake_command, drain_timeout_s=20)
+        await p.apply([ensure("a", "a"), ensure("b", "b")])
+        await observe_until(p, lambda o: all(w.ready_replicas == 1 for w in o.workers))
+        procs = [r.process for w in p._workers.values() for r in w.replicas]
+        await p.close()
+    assert all(proc.returncode is not None for proc in procs)
+    assert p.endpoints() == {} and p.draining == 0

@@ -1,0 +1,51 @@
+"""Choosing the emitted token from an exit's logits: greedy, or temperature + top-p with a per-request seed."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from helios_worker.engine.api import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator per sampled request, so its tokens depend on its own seed only, not on its batch."""
+    if params.temperature <= 0.0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return generator
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail of `probs` [vocab] beyond the smallest set whose mass reaches top_p (keeps >= 1 token)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    return torch.zeros_like(probs).scatter(0, order, sorted_probs)
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The token for one row of logits [vocab]."""
+    if params.temperature <= 0.0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    probs = top_p_filter(probs, params.top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Tokens for a batch: `greedy` [B] (argmax, already computed) for greedy rows, a draw for sampled ones."""
+    tokens: list[int] = greedy.tolist()
+    for row, (p, g) in enumerate(zip(params, generators, strict=True)):
+        if g is not None:
+            tokens[row] = sample_row(logits[row], p, g)
+    return tokens

@@ -1,0 +1,121 @@
+"""Small random-weight models of every family the engine supports, for tests and benchmarks offline.
+
+`random_model` builds one in memory with the project's character tokenizer; `HFStack` exposes an HF
+causal LM through the attributes the engine reads (the same as models.loading.PartialModel).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
+
+from helios_worker.engine.blocks import StackModel
+from helios_worker.models.tokenizer import build_tokenizer
+
+FAMILY_CONFIGS: dict[str, Any] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
+_AUTO: Any = AutoModelForCausalLM  # untyped in transformers
+
+
+def random_config(family: str, *, layers: int = 3, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> Any:
+    vocab = len(build_tokenizer())
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    return FAMILY_CONFIGS[family](
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def random_model(family: str, *, seed: int = 0, **shape: int) -> HFStack:
+    """A random-init model of `family` (llama | qwen2 | gpt2) with larger-than-default weights, so that
+    its greedy tokens are not near-ties and vary with the input."""
+    torch.manual_seed(seed)
+    config = random_config(family, **shape)
+    config.initializer_range = 0.2
+    model = _AUTO.from_config(config, attn_implementation="eager").eval()
+    return HFStack(model, build_tokenizer())
+
+
+@dataclass
+class HFStack:
+    """An HF causal LM seen the way the engine sees a partially loaded model."""
+
+    hf_model: Any
+    tokenizer: Any
+
+    @property
+    def family(self) -> str:
+        return str(self.hf_model.config.model_type)
+
+    @property
+    def _base(self) -> Any:
+        return self.hf_model.transformer if self.family == "gpt2" else self.hf_model.model
+
+    @property
+    def model_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    @property
+    def loaded_layers(self) -> int:
+        return len(self.decoder_layers())
+
+    def decoder_layers(self) -> list[nn.Module]:
+        base = self._base
+        return list(base.h if self.family == "gpt2" else base.layers)
+
+    def final_norm(self) -> nn.Module:
+        norm: nn.Module = self._base.ln_f if self.family == "gpt2" else self._base.norm
+        return norm
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.hf_model.lm_head(self.final_norm()(hidden))
+        return logits
+
+    def max_context(self) -> int:
+        config = self.hf_model.config
+        return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
+
+
+def random_prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
+    """Prompts of the given lengths over the character tokens (ids past the specials)."""
+    rng = random.Random(seed)
+    vocab = len(build_tokenizer())
+    return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
+
+
+def load_stack(path: str | Path, layers: int | None = None) -> StackModel:
+    """A model directory through models.loading.load_partial; an HFStack of the whole model while the
+    loader is not there (layers must then be None)."""
+    try:
+        from helios_worker.models.loading import load_partial  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        if layers is not None:
+            raise
+        model = _AUTO.from_pretrained(str(path), attn_implementation="eager").eval()
+        return HFStack(model, AutoTokenizer.from_pretrained(str(path)))
+    loaded: StackModel = load_partial(path, layers)
+    return loaded

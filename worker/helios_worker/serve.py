@@ -1,0 +1,268 @@
+"""`helios worker`: options, validation, and the wiring from a model directory to a running server.
+
+Options are one typed object (`WorkerOptions`), read from flags with defaults from HELIOS_* variables
+and checked before anything heavy loads: a bad option exits with status 2 and one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+
+from helios_worker.engine.api import ConfidenceMeasure
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+ENV_DEPLOYMENT = "HELIOS_DEPLOYMENT"
+ENV_CANDIDATE = "HELIOS_CANDIDATE"
+ENV_API_TOKEN = "HELIOS_API_TOKEN"
+DEFAULT_DEPLOYMENT = "local"
+DEFAULT_PORT = 8000
+DTYPES = ("float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("helios.worker")
+
+
+class OptionError(ValueError):
+    """A worker option that cannot work; reported as `helios worker: error: ...` with exit status 2."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model: Path
+    layers: int | None = None  # None: every layer of the model
+    threshold: float = 0.9
+    profile: bool = False
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: any free port (see port_file)
+    deployment: str = DEFAULT_DEPLOYMENT
+    candidate: str | None = None  # None: the model directory's name
+    breach_window: int = 100
+    confidence_measure: ConfidenceMeasure = "max_prob"
+    max_batch: int = 64
+    max_queue: int = 256
+    max_context: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    api_token_file: Path | None = None
+    api_token: str | None = None  # from HELIOS_API_TOKEN when no file is given
+    log_level: str = "info"
+    drain_timeout: float = 30.0
+    port_file: Path | None = None  # written with the bound port once listening
+
+    @property
+    def candidate_name(self) -> str:
+        return self.candidate or self.model.resolve().name
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {value}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's flags, on any parser (the `helios worker` subcommand or `python -m helios_worker`)."""
+    d = WorkerOptions(model=Path("."))
+    add = parser.add_argument
+    add("--model", required=True, type=Path, help="HF causal LM directory")
+    add("--layers", type=_positive_int, help="decoder layers to load (default: all)")
+    add("--threshold", type=_threshold, default=d.threshold, help="exit confidence threshold, (0, 1]")
+    add("--profile", action="store_true", help="run at full depth and emit the profiling metrics")
+    add("--host", default=d.host)
+    add("--port", type=_port, default=d.port, help="0 picks a free port (see --port-file)")
+    add("--port-file", type=Path, help="write the bound port here once listening")
+    add("--deployment", help=f"metric label (default: ${ENV_DEPLOYMENT} or {DEFAULT_DEPLOYMENT!r})")
+    add("--candidate", help=f"metric label (default: ${ENV_CANDIDATE} or the model directory's name)")
+    add("--breach-window", type=_positive_int, default=d.breach_window, help="tokens in the breach window")
+    add("--confidence-measure", choices=get_args(ConfidenceMeasure), default=d.confidence_measure)
+    add("--max-batch", type=_positive_int, default=d.max_batch, help="rows in the running batch")
+    add("--max-queue", type=_positive_int, default=d.max_queue, help="waiting requests before 429")
+    add("--max-context", type=_positive_int, help="tokens per request (default: the model's)")
+    add("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    add("--dtype", choices=DTYPES, default=d.dtype)
+    add("--api-token-file", type=Path, help=f"require this bearer token on /v1 (else ${ENV_API_TOKEN}, else open)")
+    add("--drain-timeout", type=_non_negative, default=d.drain_timeout, help="seconds in-flight requests get")
+    add("--log-level", choices=LOG_LEVELS, default=d.log_level)
+
+
+def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerOptions:
+    """The typed options; flags win over HELIOS_* variables, which win over defaults."""
+    env = os.environ if env is None else env
+    return WorkerOptions(
+        model=args.model,
+        layers=args.layers,
+        threshold=args.threshold,
+        profile=args.profile,
+        host=args.host,
+        port=args.port,
+        deployment=args.deployment or env.get(ENV_DEPLOYMENT) or DEFAULT_DEPLOYMENT,
+        candidate=args.candidate or env.get(ENV_CANDIDATE) or None,
+        breach_window=args.breach_window,
+        confidence_measure=args.confidence_measure,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        device=args.device,
+        dtype=args.dtype,
+        api_token_file=args.api_token_file,
+        api_token=env.get(ENV_API_TOKEN) or None,
+        log_level=args.log_level,
+        drain_timeout=args.drain_timeout,
+        port_file=args.port_file,
+    )
+
+
+def check_options(options: WorkerOptions) -> WorkerOptions:
+    """Cheap checks before loading; returns the options with the API token resolved. Raises OptionError."""
+    if not options.model.is_dir():
+        raise OptionError(f"--model {options.model}: not a directory")
+    if not (options.model / "config.json").is_file():
+        raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
+    if not options.device.startswith(("cpu", "cuda")):
+        raise OptionError(f"--device {options.device}: expected cpu or cuda[:N]")
+    token = options.api_token
+    if options.api_token_file is not None:
+        try:
+            token = options.api_token_file.read_text().strip()
+        except OSError as error:
+            raise OptionError(f"--api-token-file {options.api_token_file}: {error.strerror}") from None
+        if not token:
+            raise OptionError(f"--api-token-file {options.api_token_file}: the file is empty")
+    return replace(options, api_token=token)
+
+
+def build_app(options: WorkerOptions) -> FastAPI:
+    """Load the model (only its first L layers), build telemetry, engine and app. Raises OptionError."""
+    options = check_options(options)  # before the heavy imports: a typo fails in a blink
+    import torch
+
+    from helios_worker.engine.api import EngineConfig
+    from helios_worker.engine.scheduler import Engine
+    from helios_worker.models.loading import ModelLoadError, load_partial
+    from helios_worker.server.app import create_app
+    from helios_worker.server.settings import ServerSettings
+    from helios_worker.telemetry import ModelSizes, WorkerIdentity, WorkerTelemetry
+
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError(f"--device {options.device}: CUDA is not available here")
+    dtype = getattr(torch, options.dtype)
+    try:
+        model = load_partial(options.model, options.layers, device=options.device, dtype=dtype)
+    except ModelLoadError as error:
+        raise OptionError(str(error)) from None
+    if options.profile and model.loaded_layers != model.model_layers:
+        depth, full = model.loaded_layers, model.model_layers
+        log.warning("profiling at %d of %d layers: agreement is measured against layer %d", depth, full, depth)
+
+    identity = WorkerIdentity(
+        deployment=options.deployment,
+        candidate=options.candidate_name,
+        depth=model.loaded_layers,
+        model=options.model.resolve().name,
+        profile=options.profile,
+    )
+    gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
+    telemetry = WorkerTelemetry(identity, model.model_layers, gpu=gpu)
+    config = EngineConfig(
+        confidence_threshold=options.threshold,
+        confidence_measure=options.confidence_measure,
+        breach_window=options.breach_window,
+        profile=options.profile,
+        max_batch=options.max_batch,
+        max_queue=options.max_queue,
+        max_context=options.max_context,
+        device=options.device,
+        dtype=options.dtype,
+    )
+    engine = Engine(model, config, telemetry)
+    telemetry.set_model_sizes(
+        ModelSizes(
+            loaded_layers=model.loaded_layers,
+            model_layers=model.model_layers,
+            resident_weight_bytes=model.resident_weight_bytes(),
+            layer_weight_bytes=model.layer_weight_bytes(),
+            kv_cache_bytes=engine.cache.bytes,
+            kv_bytes_per_token=engine.cache.plan.bytes_per_token,
+        )
+    )
+    settings = ServerSettings(
+        model_name=identity.candidate,
+        candidate=identity.candidate,
+        depth=identity.depth,
+        model_layers=model.model_layers,
+        api_token=options.api_token,
+        drain_timeout_seconds=options.drain_timeout,
+    )
+    log.info(
+        "loaded %s: %d of %d layers on %s", identity.model, model.loaded_layers, model.model_layers, options.device
+    )
+    return create_app(engine, model.tokenizer, telemetry, settings)
+
+
+def _open_gpu(device: str) -> Any:
+    from helios_worker.telemetry import NvmlMeter
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    return NvmlMeter.open(index)
+
+
+def run_worker(options: WorkerOptions) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and return. Exits with status 2 on a bad option."""
+    import uvicorn
+
+    from helios_worker.server.shutdown import DrainingServer
+
+    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = build_app(options)
+    except OptionError as error:
+        print(f"helios worker: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=max(1, int(options.drain_timeout)),
+        access_log=options.log_level == "debug",  # paths only, never bodies
+    )
+    server = DrainingServer(config, app.state.worker.begin_drain, options.port_file)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m helios_worker ...`."""
+    parser = argparse.ArgumentParser(prog="helios worker", description="Serve an early-exit LLM.")
+    add_worker_arguments(parser)
+    run_worker(options_from_args(parser.parse_args(argv)))

@@ -1,0 +1,16 @@
+"""What the server is told at start: identity, auth and shutdown behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str  # what /v1/models and every response call the model
+    candidate: str
+    depth: int
+    model_layers: int
+    api_token: str | None = None  # bearer token the /v1 routes require; None: open
+    drain_timeout_seconds: float = 30.0
+    warmup: bool = True
