@@ -148,10 +148,10 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
         )
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome = "platform_error"
+        why = f"{type(err).__name__}: {err}"[:1000]
         new_status = new_status.with_changes(
-            conditions=conditions.set_condition(
-                new_status.conditions, conditions.DEGRADED, "True", "PlatformError", f"{type(err).__name__}: {err}"[:1000], now
-            )
+            conditions=conditions.set_condition(new_status.conditions, conditions.DEGRADED, "True", "PlatformError",
+                                                why, now)
         )
     try:
         await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())

@@ -33,7 +33,7 @@ from helios_operator.demo_report import (
     build_report,
     write_report,
 )
-from helios_operator.local_runner import LocalRunner, Tick
+from helios_operator.local_runner import LocalPrometheus, LocalRunner, Tick, scrape_telemetry
 from helios_operator.model import (
     ExitSpec,
     HeliosSpec,
@@ -90,6 +90,7 @@ class DemoOptions:
     reassess_every: int = 60
     max_batch: int = 16
     tick_seconds: float = 0.5
+    prometheus: bool = False  # read telemetry through a local Prometheus (the operator's PromQL path)
     live: bool | None = None  # None: a live display when stdout is a terminal, plain lines otherwise
     worker_command: CommandBuilder = worker_command
     log: Callable[[str], None] | None = None  # plain-line sink (default: print)
@@ -113,7 +114,10 @@ class DemoReport:
 def prepare_models(options: DemoOptions, log: Callable[[str], None]) -> dict[str, Path]:
     """Candidate name -> model directory: the given ones, or the presets trained once and cached."""
     if options.models:
-        return {path.name: path for path in options.models}
+        names = [candidate_name(path) for path in options.models]
+        if len(set(names)) != len(names):
+            names = [path.name for path in options.models]
+        return dict(zip(names, options.models, strict=True))
     from helios_worker.models.cache import train_preset
 
     models = {}
@@ -121,6 +125,14 @@ def prepare_models(options: DemoOptions, log: Callable[[str], None]) -> dict[str
         log(f"model {preset}: training or reusing the cached early-exit model")
         models[preset] = train_preset(preset, options.seed, steps=options.train_steps, log=log)
     return models
+
+
+def candidate_name(model_dir: Path) -> str:
+    """The preset a cached model was trained from (helios.json), else the directory's name."""
+    try:
+        return str(json.loads((model_dir / "helios.json").read_text())["preset"])
+    except (OSError, ValueError, KeyError):
+        return model_dir.name
 
 
 def model_layers(model_dir: Path) -> int:
@@ -264,8 +276,14 @@ class DemoRun:
             env=WORKER_ENV,
             on_event=self._on_event,
         )
+        self.prometheus = LocalPrometheus(options.out / "prometheus") if options.prometheus else None
         self.runner = LocalRunner(
-            DEPLOYMENT, self.spec, self.platform, interval_s=options.tick_seconds, on_tick=self._on_tick
+            DEPLOYMENT,
+            self.spec,
+            self.platform,
+            telemetry=self.prometheus.source(DEPLOYMENT) if self.prometheus else scrape_telemetry,
+            interval_s=options.tick_seconds,
+            on_tick=self._on_tick,
         )
         self._phase_started_decisions = 0
         self._next = 0
@@ -301,6 +319,9 @@ class DemoRun:
         self.display.heartbeat(time.time())
 
     async def run(self) -> None:
+        if self.prometheus is not None:
+            await self.prometheus.start()
+            self.display.say(f"· telemetry through a local Prometheus at {self.prometheus.url}")
         await self.router.start()
         stop_loop = asyncio.Event()
         loop_task = asyncio.create_task(self.runner.run(stop_loop))
@@ -314,14 +335,24 @@ class DemoRun:
             await asyncio.gather(loop_task, return_exceptions=True)
             await self.platform.close()
             await self.router.close()
+            if self.prometheus is not None:
+                await self.prometheus.close()
+
+    def _check(self, loop_task: asyncio.Task[None]) -> None:
+        """Stop the demo early, with the reason, when the loop crashed or a worker cannot start."""
+        if loop_task.done():
+            loop_task.result()  # raises the loop's error
+        broken = self.platform.crash_looping()
+        if broken:
+            name, why = next(iter(broken.items()))
+            raise RuntimeError(f"worker {name} keeps exiting; logs in {self.platform.log_dir}. Last: {why}")
 
     async def _wait_ready(self, client: httpx.AsyncClient, loop_task: asyncio.Task[None], timeout: float = 180) -> None:
         """The stable endpoint answers once the first profiling workers are Ready."""
         self.state.phase = "starting workers"
         deadline = time.monotonic() + timeout
         while (await client.get("/readyz")).status_code != 200:
-            if loop_task.done():
-                loop_task.result()  # the loop crashed: raise its error
+            self._check(loop_task)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no worker became ready within {timeout:.0f}s; see {self.platform.log_dir}")
             await asyncio.sleep(0.2)
@@ -340,8 +371,7 @@ class DemoRun:
         ]
         while True:
             await asyncio.sleep(0.25)
-            if loop_task.done():
-                loop_task.result()
+            self._check(loop_task)
             elapsed = time.time() - started
             acted = len(self.record.decisions) > decisions_before and self.state.loop_phase in SETTLED_PHASES
             if elapsed >= phase.max_seconds or (elapsed >= phase.min_seconds and acted):
@@ -446,7 +476,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     state = LiveState()
     with Display(state, live, log) as display:
         run = DemoRun(options, models, display, record)
-        record.spec = _spec_summary(run.spec)
+        record.spec = {**_spec_summary(run.spec), "telemetry": "prometheus" if options.prometheus else "scrape"}
         asyncio.run(run.run())
     record.finished = time.time()
     report = build_report(record)
@@ -519,6 +549,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     add("--concurrency", type=int, default=d.concurrency, help="concurrent clients")
     add("--phase-seconds", type=float, nargs=2, metavar=("MIN", "MAX"), help="each workload phase's min and max")
     add("--plain", action="store_true", help="plain lines instead of the live display")
+    add(
+        "--prometheus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read telemetry through a local Prometheus (default: when the prometheus binary is installed)",
+    )
 
 
 def demo_options_from_args(ns: argparse.Namespace) -> DemoOptions:
@@ -536,4 +572,5 @@ def demo_options_from_args(ns: argparse.Namespace) -> DemoOptions:
         concurrency=ns.concurrency,
         phases=phases,
         live=False if ns.plain else None,
+        prometheus=LocalPrometheus.available() if ns.prometheus is None else ns.prometheus,
     )

@@ -245,10 +245,10 @@ def _plot_timeline(ax: Any, report: dict[str, Any], colors: dict[str, Any]) -> N
         if idx:
             ax.axvspan(min(idx), max(idx), alpha=0.08 if phase["kind"] == "easy" else 0.2, color="grey")
             ax.text((min(idx) + max(idx)) / 2, top + 1.6, phase["phase"], ha="center", fontsize=9)
-    for d in report["decisions"]:
+    for i, d in enumerate(report["decisions"]):
         ax.axvline(d["requestIndex"], color="black", linestyle=":", linewidth=1)
-        ax.text(d["requestIndex"], top + 0.6, f"{d['trigger']}: {d['candidate']}@{d['depth']}", rotation=0,
-                fontsize=7, ha="left")
+        label = f"{d['trigger']}: {d['candidate']}@{d['depth']}" + ("" if d["applied"] else " (not applied)")
+        ax.text(d["requestIndex"], top + 0.3 + (i % 3) * 0.45, label, fontsize=7, ha="left")  # staggered rows
     ax.set_ylim(-0.5, top + 2.4)
     ax.set_xlabel("request (in order of completion)")
     ax.set_ylabel("depth served (layers)")

@@ -6,7 +6,7 @@ otherwise the platform adopts the object (it knows the owner).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from helios_operator import names, naming
@@ -39,7 +39,6 @@ class ModelSource:
     volumes: tuple[dict[str, Any], ...] = ()
     mounts: tuple[dict[str, Any], ...] = ()
     init_containers: tuple[dict[str, Any], ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def pool_selector(hd_name: str, pool: str) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import helm_python as helm
 import yaml
 
+from helios_operator import operator_metrics
 from helios_worker import contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +88,19 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # PromQL metric names
 
-# Series the operator exports about itself (helios_operator_*); the operator's metrics module should own them.
-OPERATOR_METRICS = frozenset({"helios_operator_rollout_in_progress", "helios_operator_metrics_available"})
+
+def _operator_series() -> frozenset[str]:
+    """Series the operator exports about itself (helios_operator_*), read from its own registry."""
+    found = set()
+    for family in operator_metrics.REGISTRY.collect():
+        if family.type == "histogram":
+            found |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
+        else:
+            found.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    return frozenset(found)
+
+
+OPERATOR_METRICS = _operator_series()
 PROMETHEUS_SERIES = frozenset({"up"})
 
 

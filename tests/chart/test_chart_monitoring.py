@@ -140,6 +140,7 @@ def test_metric_name_extraction_finds_series_and_skips_functions_labels_and_dura
     assert metric_names('absent(up{job="x"} == 1) or vector(0)') == {"up"}
     assert metric_names("helios_no_such_metric offset 5m") == {"helios_no_such_metric"}
     assert "helios_no_such_metric" not in KNOWN_SERIES
+    assert {"helios_operator_rollout_in_progress", "helios_operator_metrics_available"} <= OPERATOR_METRICS
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ EXPECTED_NAMESPACED = {
     *(("helios.dev", "heliosdeployments", v) for v in ("get", "list", "watch", "patch")),
     *(("helios.dev", "heliosdeployments/status", v) for v in ("get", "patch", "update")),
     *(("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
-    *(("", "services", v) for v in ("get", "list", "watch", "create", "patch")),
+    *(("", "services", v) for v in ("get", "list", "watch", "create", "patch", "delete")),
     *(("", "events", v) for v in ("create", "patch")),
     *(("events.k8s.io", "events", v) for v in ("create", "patch")),
 }

@@ -3,6 +3,7 @@ object checked by kubernetes-validate against Kubernetes 1.32's schemas (strict)
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 from chart_render import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, kinds, manifests, notes, one, render
 
 from helios_operator.model import WorkerSpec
+from helios_operator.settings import Settings, settings_from_namespace
 
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator kinds: checked in test_chart_monitoring
 
@@ -82,10 +84,10 @@ def _env(value_set: str) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in _container(value_set)["env"]}
 
 
-def test_operator_runs_kopf_standalone_across_all_namespaces_by_default() -> None:
+def test_operator_runs_kopf_standalone_with_a_liveness_endpoint() -> None:
     container = _container("defaults")
     assert "command" not in container  # the image's ENTRYPOINT is `helios operator`
-    assert container["args"] == ["--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["args"] == ["--standalone", "--liveness=http://0.0.0.0:8080/healthz"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["image"] == "ghcr.io/helios-dev/helios-operator:0.1.0"
     deployment = one(manifests("defaults"), "Deployment")
@@ -93,21 +95,44 @@ def test_operator_runs_kopf_standalone_across_all_namespaces_by_default() -> Non
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
 
 
-def test_watch_namespaces_become_one_namespace_option_each_and_helios_namespaces() -> None:
-    container = _container("namespaced")
-    assert container["args"] == [
-        "--standalone",
-        "--namespace=team-a",
-        "--namespace=team-b",
-        "--liveness=http://0.0.0.0:8080/healthz",
-    ]
+def test_watch_namespaces_reach_helios_namespaces() -> None:
     assert _env("namespaced")["HELIOS_NAMESPACES"] == "team-a,team-b"
     assert _env("defaults")["HELIOS_NAMESPACES"] == ""
 
 
+def _operator_settings(value_set: str) -> tuple[argparse.Namespace, Settings]:
+    """What `helios operator` makes of the rendered args and HELIOS_* variables (its own parser and Settings)."""
+    from helios_operator.handlers import add_operator_arguments
+
+    parser = argparse.ArgumentParser(prog="helios operator", exit_on_error=False)
+    add_operator_arguments(parser)
+    ns = parser.parse_args(_container(value_set)["args"])
+    env = {k: v for k, v in _env(value_set).items() if isinstance(v, str)}
+    return ns, settings_from_namespace(ns, env)
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_the_operator_accepts_the_rendered_args_and_environment(value_set: str) -> None:
+    ns, settings = _operator_settings(value_set)
+    assert ns.standalone is True
+    assert ns.liveness == "http://0.0.0.0:8080/healthz"
+    assert settings.namespaces == tuple(VALUE_SETS[value_set].get("watchNamespaces", ()))
+    values = helm.Chart.load(str(CHART)).merge_values(VALUE_SETS[value_set])["operator"]
+    assert settings.prometheus_url == values["prometheusUrl"]
+    assert settings.worker_image == values["workerImage"]
+    assert settings.log_level == values["logLevel"].upper()
+
+
+def test_chart_defaults_equal_the_operators_own_defaults() -> None:
+    _, settings = _operator_settings("defaults")
+    assert settings.prometheus_url == Settings().prometheus_url
+    assert settings.worker_image == Settings().worker_image == WorkerSpec.image
+    assert settings.log_level == Settings().log_level
+
+
 def test_operator_settings_reach_the_helios_environment() -> None:
     env = _env("defaults")
-    assert env["HELIOS_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring.svc:9090"
+    assert env["HELIOS_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
     assert env["HELIOS_LOG_LEVEL"] == "info"
     assert env["HELIOS_METRICS_PORT"] == "8081"
     assert env["HELIOS_SERVICE_MONITORS"] == "false"

@@ -37,7 +37,16 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(f'helios_requests_total{{status="ok"}} {state["served"]}\n')
+        base = f'deployment="{args.deployment}",candidate="{args.candidate}",depth="{args.layers}"'
+        lines = [
+            f'helios_requests_total{{{base},status="ok"}} {state["served"]}',
+            f"helios_generated_tokens_total{{{base}}} {state['served'] * 4}",
+            f"helios_model_layers{{{base}}} {args.layers}",
+            f"helios_loaded_layers{{{base}}} {args.layers}",
+            f"helios_breach_window_ratio{{{base}}} 0.0",
+            f"helios_breach_window_tokens{{{base}}} 0",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
@@ -78,7 +87,7 @@ async def _stream(tokens: int, delay: float, who: dict[str, Any], state: dict[st
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="fake")
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--breach-window", type=int, default=100)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helios_operator.local_runner import LocalPrometheus, LocalRunner
 from helios_operator.model import (
     Candidate,
     DeleteWorker,
@@ -193,3 +194,54 @@ async def test_close_drains_every_worker(tmp_path: Path) -> None:
         await p.close()
     assert all(proc.returncode is not None for proc in procs)
     assert p.endpoints() == {} and p.draining == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: the operator's own step driving the local platform
+
+
+async def test_the_runner_drives_the_platform_with_the_operators_step(platform: LocalPlatform) -> None:
+    """First ticks of a deployment: profiling workers for every candidate, the Service on their pool."""
+    runner = LocalRunner("demo", SPEC, platform, interval_s=0.2)
+    first = await runner.tick()
+    assert runner.status.phase == "Profiling"
+    started = {a.candidate for a in first.result.actions if isinstance(a, EnsureWorker) and a.role == "profile"}
+    assert started == {"tiny", "small"}
+    assert any(isinstance(a, EmitEvent) and a.reason == "ProfilingStarted" for a in first.result.actions)
+    for _ in range(150):
+        tick = await runner.tick()
+        if tick.observed.service_pool and len(platform.endpoints()) == 2:
+            break
+        await asyncio.sleep(0.2)
+    assert tick.observed.service_pool is not None and tick.observed.service_pool.startswith("demo-p1")
+    tick = await runner.tick()
+    assert tick.telemetry.available, tick.telemetry.message
+    assert {w.candidate for w in tick.telemetry.workers} == {"tiny", "small"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        resp = await client.post(platform.router.url + "/v1/completions", json={})
+    assert resp.status_code == 200 and resp.json()["worker"]["candidate"] in {"tiny", "small"}
+
+
+@pytest.mark.skipif(not LocalPrometheus.available(), reason="the prometheus binary is not installed")
+async def test_a_local_prometheus_reads_the_workers_like_the_clusters_does(
+    platform: LocalPlatform, tmp_path: Path
+) -> None:
+    prom = LocalPrometheus(tmp_path / "prom")
+    await prom.start()
+    try:
+        await platform.apply([ensure("demo-tiny-l2", "p"), PointService("p")])
+        await observe_until(platform, ready("demo-tiny-l2", 1))
+        read = prom.source("demo")
+        snapshot = await read(platform)
+        targets = json.loads(prom.targets_path.read_text())
+        assert targets == [{"targets": [platform.endpoints().popitem()[0][7:]], "labels": {"worker": "demo-tiny-l2"}}]
+        for _ in range(50):
+            snapshot = await read(platform)
+            if snapshot.available:
+                break
+            await asyncio.sleep(0.3)
+        assert snapshot.available, snapshot.message
+        w = snapshot.worker("demo-tiny-l2")
+        assert w is not None and (w.candidate, w.depth) == ("tiny", 2)
+    finally:
+        await prom.close()

@@ -74,9 +74,7 @@ def run_steps(model: HFStack, threshold: float, early_stop: bool, steps: int) ->
     with torch.inference_mode():
         for _ in range(steps):
             length = int(positions.max()) + 1
-            result = decode(
-                fam, model.exit_logits, cache, rule, tokens, torch.tensor([0, 1]), positions, length, early_stop
-            )
+            result = decode(fam, model.exit_logits, cache, rule, tokens, positions, length, early_stop)
             results.append(result)
             tokens, positions = result.greedy, positions + 1
     return results, cache

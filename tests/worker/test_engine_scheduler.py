@@ -240,3 +240,26 @@ def test_profiling_reports_agreement_and_emits_the_full_depth_token(llama: HFSta
         assert depths == tuple(d for d in (1, 2, 3) if min(first_confident, d) in layers)
     assert any(fc <= 3 for fc, _, _ in profiles) and any(fc == 4 for fc, _, _ in profiles)
     assert recorder.calls["finished"][0][1] is True
+
+
+@pytest.mark.parametrize("static_steps", [False, True], ids=["eager", "static"])
+def test_rows_leaving_mid_batch_keep_the_others_tokens(llama: HFStack, static_steps: bool) -> None:
+    """The first row leaves first, so the last row moves into its KV slot; static steps also pad 3 rows to 4."""
+    reqs = [request((5, 6, 7), 4), request((9, 10, 11, 12, 13), 14), request((30,), 9, temperature=0.8, seed=5)]
+    engine = Engine(llama, EngineConfig(confidence_threshold=MIXED, max_batch=4, max_context=64))
+    try:
+        solo = [alone(engine, r) for r in reqs]
+    finally:
+        engine.stop()
+    engine = Engine(
+        llama, EngineConfig(confidence_threshold=MIXED, max_batch=4, max_context=64), static_steps=static_steps
+    )
+    try:
+        together = engine.generate_batch(reqs)
+        assert engine.cache.free_slots == 4
+    finally:
+        engine.stop()
+    for (events, finished), (solo_events, solo_finished) in zip(together, solo, strict=True):
+        assert ids(events) == ids(solo_events)
+        assert [e.exit_layer for e in events] == [e.exit_layer for e in solo_events]
+        assert finished == solo_finished

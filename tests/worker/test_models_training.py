@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 
 def _weights(seed: int, steps: int = 4) -> dict[str, torch.Tensor]:
-    model, _, _ = train_model(PRESETS["tiny"].with_steps(steps), seed, CPU)
+    model, _, _ = train_model(PRESETS["tiny"].with_steps(steps), seed, CPU, evaluate_after=False)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -36,11 +36,11 @@ def test_exit_loss_weights_rise_with_depth_to_one_at_the_last_layer() -> None:
 
 
 def test_a_second_call_is_a_cache_hit(tmp_path: Path) -> None:
-    first = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path)
+    first = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path, evaluate=False)
     started = time.monotonic()
-    second = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path)
+    second = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path, evaluate=False)
     assert second == first and time.monotonic() - started < 0.5
-    assert train_preset("tiny", seed=6, steps=2, cache_dir=tmp_path) != first  # keyed by seed
+    assert train_preset("tiny", seed=6, steps=2, cache_dir=tmp_path, evaluate=False) != first  # keyed by seed
     assert json.loads((first / METADATA_FILE).read_text())["steps"] == 2
 
 
@@ -49,7 +49,7 @@ def test_an_interrupted_training_leaves_no_model_behind(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_preset("tiny", steps=2, cache_dir=tmp_path, log=interrupt)
+        train_preset("tiny", steps=2, cache_dir=tmp_path, evaluate=False, log=interrupt)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -59,7 +59,7 @@ def test_an_interrupted_save_leaves_no_model_behind(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(Path, "rename", fail_rename)
     with pytest.raises(OSError, match="disk full"):
-        train_preset("tiny", steps=2, cache_dir=tmp_path)
+        train_preset("tiny", steps=2, cache_dir=tmp_path, evaluate=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 

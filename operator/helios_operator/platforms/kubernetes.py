@@ -83,7 +83,8 @@ class KubeApi:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> dict[str, Any]:
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        for auth in (self.cfg.auth_settings() or {}).values():  # refreshes expiring tokens
+        auths: Any = self.cfg.auth_settings() or {}  # refreshes expiring tokens
+        for auth in auths.values():
             if auth.get("in") == "header" and auth.get("value"):
                 headers[str(auth["key"])] = str(auth["value"])
         response = self.http.request(method, path, json=body, headers=headers)
@@ -205,7 +206,8 @@ class KubernetesPlatform:
             self.api.request("POST", _deployments(owner.namespace), manifest)
             return
         labels = (current.get("metadata") or {}).get("labels") or {}
-        if (current.get("spec") or {}).get("replicas") == action.replicas and labels.get(names.LABEL_POOL) == action.pool:
+        replicas = (current.get("spec") or {}).get("replicas")
+        if replicas == action.replicas and labels.get(names.LABEL_POOL) == action.pool:
             return
         template_labels = ((manifest.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels")
         patch: dict[str, Any] = {

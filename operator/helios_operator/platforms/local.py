@@ -361,6 +361,14 @@ class LocalPlatform:
         """Resident memory of each worker's processes, summed over replicas."""
         return {name: sum(read_rss_bytes(r.process.pid) for r in w.replicas) for name, w in self._workers.items()}
 
+    def crash_looping(self, restarts: int = 3) -> dict[str, str]:
+        """Workers that exited this many times (name -> the last exit's log tail): CrashLoopBackOff."""
+        return {
+            name: next((e.message for e in reversed(self.events) if e.reason == "WorkerExited" and name in e.message), "")
+            for name, w in self._workers.items()
+            if w.restarts >= restarts
+        }
+
     @property
     def draining(self) -> int:
         return len(self._draining)

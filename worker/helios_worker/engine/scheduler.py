@@ -62,7 +62,16 @@ def _kv_budget(config: EngineConfig, device: torch.device) -> int | None:
 class Engine:
     """Continuous batching over a truncated early-exit stack; see helios_worker.engine.api for the surface."""
 
-    def __init__(self, model: StackModel, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self,
+        model: StackModel,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        *,
+        static_steps: bool | None = None,
+    ) -> None:
+        """`static_steps`: decode at bucketed static shapes (graph-captured on CUDA); None means
+        exactly when config.cuda_graphs is set and the model is on CUDA. Tests force it on the CPU."""
         self.model, self.config, self.observer = model, config, observer
         self._fam = family_of(model)
         weight = next(model.hf_model.parameters())
@@ -83,7 +92,7 @@ class Engine:
         )
         self._static = (
             StaticDecoder(self._fam, model.exit_logits, self.cache, self._rule)
-            if config.cuda_graphs and self.device.type == "cuda"
+            if (static_steps if static_steps is not None else config.cuda_graphs and self.device.type == "cuda")
             else None
         )
         self._eos = _eos_ids(model)
@@ -135,7 +144,7 @@ class Engine:
 
     def _capture_graphs(self) -> None:
         """Capture once, while nothing runs; on failure the static step runs eagerly."""
-        if self._static is None or self._static.captured:
+        if self._static is None or self._static.captured or self.device.type != "cuda":
             return
         try:
             self._static.capture()

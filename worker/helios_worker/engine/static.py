@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ class StaticDecoder:
             b: _Bucket(torch.zeros(b, dtype=torch.long, device=device), torch.zeros(b, dtype=torch.long, device=device))
             for b in self.buckets
         }
-        self._pool: object | None = None
+        self._pool: Any = None  # the graphs' shared memory pool handle
 
     @property
     def captured(self) -> bool:
@@ -93,7 +94,7 @@ class StaticDecoder:
         """
         for size in reversed(self.buckets):
             bucket = self._static[size]
-            stream = torch.cuda.Stream()
+            stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):

@@ -68,9 +68,11 @@ def train_preset(
     steps: int | None = None,
     log: Callable[[str], None] | None = None,
     cache_dir: Path | None = None,
+    evaluate: bool = True,
 ) -> Path:
     """The directory of the trained model (HF config, safetensors, tokenizer, helios.json);
-    trains it on the first call, returns at once afterwards."""
+    trains it on the first call, returns at once afterwards. `evaluate=False` skips the held-out
+    evaluation in helios.json (quick test trainings)."""
     chosen = get_preset(preset).with_steps(steps)
     target = torch.device(device) if device else default_device(chosen)
     final = cache_path(chosen, seed, target, cache_dir)
@@ -79,7 +81,7 @@ def train_preset(
     with _locked(final.with_name(final.name + ".lock")):
         if is_complete(final):  # another process finished it while we waited
             return final
-        model, tokenizer, metadata = train_model(chosen, seed, target, log)
+        model, tokenizer, metadata = train_model(chosen, seed, target, log, evaluate_after=evaluate)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             model.to("cpu").save_pretrained(str(staging), safe_serialization=True)

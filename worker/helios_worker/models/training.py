@@ -115,9 +115,10 @@ def _lr(step: int, steps: int, peak: float) -> float:
 
 
 def train_model(
-    preset: Preset, seed: int, device: torch.device, log: Log | None = None
+    preset: Preset, seed: int, device: torch.device, log: Log | None = None, *, evaluate_after: bool = True
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, dict[str, Any]]:
-    """Train `preset` from scratch; returns the model (eval mode), its tokenizer and the metadata."""
+    """Train `preset` from scratch; returns the model (eval mode), its tokenizer and the metadata
+    (with the held-out evaluation unless `evaluate_after` is False)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(build_config(preset, tokenizer)).to(device)
@@ -156,8 +157,9 @@ def train_model(
         "device": device.type,
         "exit_loss_weights": weights,
         "final_layer_losses": [round(x, 4) for x in per_layer],
-        "evaluation": evaluate(model, tokenizer, device),
     }
+    if evaluate_after:
+        metadata["evaluation"] = evaluate(model, tokenizer, device)
     return model, tokenizer, metadata
 
 

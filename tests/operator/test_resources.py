@@ -1,0 +1,165 @@
+"""The manifest builders: schema-valid for Kubernetes 1.32, and saying what the design needs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from helios_operator import names, resources
+from helios_operator.model import EnsureWorker, HeliosSpec, SpecError
+
+K8S = "1.32.0"
+SPEC = HeliosSpec.from_dict(
+    {
+        "candidates": [{"name": "small", "model": "pvc://models/llama-1b"}],
+        "exit": {"confidenceThreshold": 0.8, "breachWindow": 100, "breachLimit": 50},
+        "worker": {
+            "image": "ghcr.io/helios-dev/helios-worker:0.1.0",
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        },
+    }
+)
+SERVE = EnsureWorker("chat-small-l5", "small", "pvc://models/llama-1b", 5, "serve", "chat-small-l5", 3)
+PROFILE = EnsureWorker("chat-p1-small", "small", "/models/llama-1b", 0, "profile", "chat-p1", 1)
+
+
+def container(d: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any] = d["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+@pytest.mark.parametrize("action", [SERVE, PROFILE, replace(SERVE, model="hf://meta-llama/Llama-3.2-1B")])
+def test_worker_deployment_is_valid_for_kubernetes(action: EnsureWorker) -> None:
+    d = resources.worker_deployment("chat", "ml", SPEC, action, owner_uid="u-1")
+    kubernetes_validate.validate(d, K8S, strict=True)
+
+
+def test_serve_worker_runs_the_chosen_depth_from_the_mounted_claim() -> None:
+    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    c = container(d)
+    assert c["args"] == [
+        "helios", "worker", "--model", "/models/models/llama-1b", "--layers", "5", "--threshold", "0.8",
+        "--breach-window", "100", "--max-batch", "64", "--deployment", "chat", "--candidate", "small",
+        "--host", "0.0.0.0", "--port", "8000",
+    ]  # fmt: skip
+    pod = d["spec"]["template"]["spec"]
+    claim = {"claimName": "models", "readOnly": True}
+    assert {"name": "model-models", "persistentVolumeClaim": claim} in pod["volumes"]
+    assert {"name": "model-models", "mountPath": "/models/models", "readOnly": True} in c["volumeMounts"]
+    assert d["spec"]["replicas"] == 3
+
+
+def test_profile_worker_loads_every_layer_and_profiles() -> None:
+    args = container(resources.worker_deployment("chat", "ml", SPEC, PROFILE))["args"]
+    assert "--profile" in args and "--layers" not in args
+    assert args[args.index("--model") + 1] == "/models/llama-1b"  # a local path is used as is
+
+
+def test_worker_labels_carry_identity_pool_and_depth() -> None:
+    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    want = {
+        names.LABEL_APP: names.APP_NAME,
+        names.LABEL_MANAGED_BY: names.MANAGER,
+        names.LABEL_DEPLOYMENT: "chat",
+        names.LABEL_CANDIDATE: "small",
+        names.LABEL_DEPTH: "5",
+        names.LABEL_ROLE: "serve",
+        names.LABEL_WORKER: "chat-small-l5",
+        names.LABEL_POOL: "chat-small-l5",
+    }
+    assert d["metadata"]["labels"] == want == d["spec"]["template"]["metadata"]["labels"]
+    selector = d["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= want.items()
+
+
+def test_worker_pod_is_locked_down_probed_and_drained() -> None:
+    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    pod, c = d["spec"]["template"]["spec"], container(d)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600  # slow model loads
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] < pod["terminationGracePeriodSeconds"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert c["env"][0]["name"] == "HF_TOKEN"
+    ann = d["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8000"
+
+
+def test_spec_resources_replace_the_default_gpu() -> None:
+    spec = replace(SPEC, worker=replace(SPEC.worker, resources={"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}))
+    c = container(resources.worker_deployment("chat", "ml", spec, SERVE))
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}
+
+
+def test_owner_reference_makes_the_heliosdeployment_the_controller() -> None:
+    d = resources.worker_deployment("chat", "ml", SPEC, SERVE, owner_uid="u-1")
+    assert d["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "helios.dev/v1alpha1",
+            "kind": "HeliosDeployment",
+            "name": "chat",
+            "uid": "u-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert "ownerReferences" not in resources.worker_deployment("chat", "ml", SPEC, SERVE)["metadata"]
+
+
+def test_hf_models_are_downloaded_by_an_init_container() -> None:
+    action = replace(SERVE, model="hf://meta-llama/Llama-3.2-1B")
+    pod = resources.worker_deployment("chat", "ml", SPEC, action)["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert "meta-llama/Llama-3.2-1B" in init["args"]
+    path = "/models/hf/meta-llama--Llama-3.2-1B"
+    assert path in init["args"]
+    c = pod["containers"][0]
+    assert c["args"][c["args"].index("--model") + 1] == path
+    assert init["env"][0]["name"] == "HF_TOKEN"  # a gated model's token comes from worker.env
+
+
+@pytest.mark.parametrize("model", ["pvc://", "hf://justname", "s3://bucket/model", "hf://a/b/c"])
+def test_unusable_model_sources_are_spec_errors(model: str) -> None:
+    with pytest.raises(SpecError, match="model"):
+        resources.worker_deployment("chat", "ml", SPEC, replace(SERVE, model=model))
+
+
+def test_stable_service_selects_one_pool_on_the_http_port() -> None:
+    s = resources.stable_service("chat", "ml", "chat-small-l5", owner_uid="u-1")
+    kubernetes_validate.validate(s, K8S, strict=True)
+    assert s["metadata"]["name"] == "chat"
+    assert s["spec"]["selector"] == {names.LABEL_DEPLOYMENT: "chat", names.LABEL_POOL: "chat-small-l5"}
+    assert s["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_pool_selector_matches_the_service_selector() -> None:
+    s = resources.stable_service("chat", "ml", "chat-p1")
+    parsed = dict(kv.split("=") for kv in resources.pool_selector("chat", "chat-p1").split(","))
+    assert parsed == s["spec"]["selector"]
+
+
+def test_metrics_service_and_monitor_cover_every_worker() -> None:
+    svc = resources.metrics_service("chat", "ml", owner_uid="u-1")
+    kubernetes_validate.validate(svc, K8S, strict=True)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert names.LABEL_POOL not in svc["spec"]["selector"]  # every pool, profiling workers included
+    worker_labels = resources.worker_labels("chat", PROFILE)
+    assert svc["spec"]["selector"].items() <= worker_labels.items()
+    mon = resources.service_monitor("chat", "ml", owner_uid="u-1")
+    assert (mon["apiVersion"], mon["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    stable = resources.stable_service("chat", "ml", "p")
+    assert not mon["spec"]["selector"]["matchLabels"].items() <= stable["metadata"]["labels"].items()
+    assert mon["spec"]["endpoints"][0]["port"] == "http"
