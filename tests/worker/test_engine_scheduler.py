@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import torch
 
 from helios_worker.engine.api import (
     Draining,
@@ -263,3 +264,29 @@ def test_rows_leaving_mid_batch_keep_the_others_tokens(llama: HFStack, static_st
         assert ids(events) == ids(solo_events)
         assert [e.exit_layer for e in events] == [e.exit_layer for e in solo_events]
         assert finished == solo_finished
+
+
+@dataclass
+class FailingExits(HFStack):
+    """The random llama whose exit head fails while `failing` is set (a stand-in for a device error)."""
+
+    failing: bool = False
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.failing:
+            raise RuntimeError("exit head failed")
+        return super().exit_logits(hidden)
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_serves_on(llama: HFStack) -> None:
+    model = FailingExits(llama.hf_model, llama.tokenizer, failing=True)
+    recorder = Recorder()
+    for engine in make_engine(model, recorder):
+        ((events, finished),) = engine.generate_batch([request((5, 6), 4)])
+        assert events == [] and finished.finish_reason == "error"
+        assert finished.error is not None and "exit head failed" in finished.error
+        model.failing = False
+        _, finished = alone(engine, request((5, 6), 4))
+        assert finished.finish_reason == "length"
+        assert engine.cache.free_slots == 4
+    assert [f.finish_reason for f, _ in recorder.calls["finished"]] == ["error", "length"]

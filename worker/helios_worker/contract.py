@@ -28,7 +28,21 @@ REQUEST_STATUSES: tuple[str, ...] = (STATUS_OK, STATUS_CLIENT_ERROR, STATUS_REJE
 
 # Latency buckets (seconds): CPU test models sit at the low end, 70B-class models at the high end.
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_LAYER_BUCKET = 128
@@ -103,6 +117,7 @@ RESIDENT_WEIGHT_BYTES = _m("resident_weight_bytes", "gauge", "Bytes of weights r
 LAYER_WEIGHT_BYTES = _m("layer_weight_bytes", "gauge", "Bytes of weights of one decoder layer.")
 KV_CACHE_BYTES = _m("kv_cache_bytes", "gauge", "Bytes of KV cache allocated.")
 KV_BYTES_PER_TOKEN = _m("kv_bytes_per_token", "gauge", "KV cache bytes one token takes over the loaded layers.")
+GPU_MEMORY_USED_BYTES = _m("gpu_memory_used_bytes", "gauge", "GPU memory in use on the worker's device (NVML).")
 ENERGY_JOULES = _m("energy_joules", "counter", "GPU energy in joules, where NVML reports it.")
 DECODE_SECONDS = _m("decode_seconds", "counter", "Wall time spent in decode steps.")
 WORKER_INFO = _m("worker_info", "gauge", "Always 1; labels carry the worker's identity.", ("model", "profile"))
@@ -130,6 +145,7 @@ ALL_METRICS: tuple[Metric, ...] = (
     LAYER_WEIGHT_BYTES,
     KV_CACHE_BYTES,
     KV_BYTES_PER_TOKEN,
+    GPU_MEMORY_USED_BYTES,
     ENERGY_JOULES,
     DECODE_SECONDS,
     WORKER_INFO,

@@ -19,11 +19,6 @@ from prometheus_client.registry import Collector
 from helios_worker import contract
 from helios_worker.engine.api import Finished
 
-# GPU memory in use (DESIGN's minimum contract); belongs in contract.py, kept here until it moves there.
-GPU_MEMORY_USED_BYTES = contract.Metric(
-    contract.PREFIX + "gpu_memory_used_bytes", "gauge", "GPU memory in use on the worker's device (NVML)."
-)
-
 
 @dataclass(frozen=True)
 class WorkerIdentity:
@@ -236,7 +231,9 @@ class _GpuCollector(Collector):
             yield family
         memory = self._gpu.memory_used_bytes()
         if memory is not None:
-            gauge = GaugeMetricFamily(GPU_MEMORY_USED_BYTES.name, GPU_MEMORY_USED_BYTES.help, labels=self._names)
+            gauge = GaugeMetricFamily(
+                contract.GPU_MEMORY_USED_BYTES.name, contract.GPU_MEMORY_USED_BYTES.help, labels=self._names
+            )
             gauge.add_metric(self._values, float(memory))
             yield gauge
 

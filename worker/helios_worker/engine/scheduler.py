@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import torch
 
@@ -261,11 +261,23 @@ class Engine:
                     admitted = self._admit()
                 self._leave_cancelled()
                 for row in admitted:
-                    self._prefill(row)
+                    self._guarded(self._prefill, row)
                 if self._running:
-                    self._decode_step()
+                    self._guarded(self._decode_step)
                 with self._cond:
                     self._cond.notify_all()
+
+    def _guarded(self, step: Callable[..., None], *args: Row) -> None:
+        """A failing step ends the rows it touched with an error; the engine keeps serving the rest."""
+        try:
+            step(*args)
+        except Exception as error:
+            log.exception("engine step failed")
+            message = f"{type(error).__name__}: {error}"
+            for row in args or list(self._running):
+                if row in self._running:
+                    self._remove(row)
+                self._finish(row, "error", message)
 
     def _admit(self) -> list[Row]:
         """Waiting rows that get a slot now (called under the lock)."""
@@ -288,11 +300,11 @@ class Engine:
         slot = self.cache.allocate()
         assert slot == len(self._running)  # running rows occupy slots 0..n-1
         row.slot = slot
+        self._running.append(row)
         row.generator = make_generator(row.request.sampling, self.device)
         prompt = torch.tensor(row.request.prompt_ids, device=self.device)
         result = prefill(self._fam, self.model.exit_logits, self.cache, self._rule, slot, prompt)
         row.position = len(row.request.prompt_ids)
-        self._running.append(row)
         self._emit([row], result)
 
     def _decode_step(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .exits import all_exit_logits, first_confident_layer, layer_hidden_states, exit_logits
+from .exits import all_exit_logits, exit_logits, first_confident_layer, layer_hidden_states
 from .presets import Preset
 from .tasks import KINDS, Example, eval_examples, exact_match, training_stream
 from .tokenizer import build_tokenizer, encode
