@@ -100,6 +100,9 @@ class Bench:
         self.dtype = options.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         self.presets = options.presets or (GPU_PRESETS if self.device == "cuda" else CPU_PRESETS)
         self.energy = EnergyMeter(self.device)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per model load drowns the bench's own lines
         self.paths: dict[str, Path] = {}
         self.layers: dict[str, int] = {}
         self.sizes_full: dict[str, Sizes] = {}

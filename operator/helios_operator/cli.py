@@ -36,7 +36,7 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--preset",
         required=True,
         choices=sorted(PRESETS),
-        help="model size: " + "; ".join(f"{name}: {preset.summary}" for name, preset in sorted(PRESETS.items())),
+        help="model size: " + "; ".join(f"{name}: {preset.description}" for name, preset in sorted(PRESETS.items())),
     )
     p.add_argument("--out", required=True, help="directory to write the model to (config, safetensors, tokenizer)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same weights")
@@ -144,8 +144,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         name = add.__name__.removeprefix("_add_")
         if only is None or only == name:
-            add(sub)
+            try:
+                add(sub)
+            except ModuleNotFoundError as err:
+                # The operator image has no torch and the worker image no kopf: say what is missing.
+                _add_unavailable(sub, name, err)
     return parser
+
+
+def _add_unavailable(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, err: ModuleNotFoundError
+) -> None:
+    message = f"`helios {name}` needs {err.name!r}, which this installation lacks (see README: extras)"
+
+    def unavailable(_: argparse.Namespace) -> int:
+        print(f"helios {name}: error: {message}", file=sys.stderr)
+        return 2
+
+    p = sub.add_parser(name, help=f"(unavailable here: needs {err.name})", description=message)
+    p.set_defaults(run=unavailable, accepts_any=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = {add.__name__.removeprefix("_add_") for add in SUBCOMMANDS}
     chosen = next((a for a in args if not a.startswith("-")), None)
     parser = build_parser(chosen if chosen in names else None)
-    ns = parser.parse_args(args)
+    ns, unknown = parser.parse_known_args(args)
+    if unknown and not getattr(ns, "accepts_any", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     run: Runner = ns.run
     return run(ns)
 

@@ -66,9 +66,8 @@ def owner_of(body: Mapping[str, Any]) -> Owner:
 
 
 def read_spec(body: Mapping[str, Any], settings: Settings) -> HeliosSpec:
-    raw = dict(body.get("spec") or {})
-    spec = HeliosSpec.from_dict(raw)
-    if "image" not in (raw.get("worker") or {}):  # the operator-wide default image
+    spec = HeliosSpec.from_dict(dict(body.get("spec") or {}))
+    if spec.worker.image is None:  # the operator-wide default image
         spec = replace(spec, worker=replace(spec.worker, image=settings.worker_image))
     return spec
 

@@ -176,6 +176,11 @@ class LiveState:
     resident_bytes: int = 0
     ok: int = 0
     failed: int = 0
+    phase_index: int = 0
+    phase_count: int = 0
+    phase_started: float = 0.0
+    started: float = field(default_factory=time.time)
+    workers: list[tuple[str, str, str, str]] = field(default_factory=list)  # name, role, ready, memory
     events: deque[str] = field(default_factory=lambda: deque(maxlen=8))
     recent_tokens: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -228,8 +233,10 @@ class Display:
         table.add_column(style="bold cyan")
         table.add_column()
         ratio = "-" if s.breach_ratio is None else f"{s.breach_ratio:.0%}"
+        progress = f"  (phase {s.phase_index}/{s.phase_count}, {now - s.phase_started:.0f}s)" if s.phase_index else ""
         rows = [
-            ("workload", s.phase),
+            ("elapsed", f"{now - s.started:.0f}s"),
+            ("workload", s.phase + progress),
             ("loop", s.loop_phase),
             ("serving", s.active + (f"  -> switching to {s.target}" if s.target != "-" else "")),
             ("last decision", s.reason or "-"),
@@ -240,8 +247,15 @@ class Display:
         ]
         for k, v in rows:
             table.add_row(k, v)
+        workers = Table("worker", "role", "ready", "memory", box=None, header_style="bold")
+        for row in s.workers:
+            workers.add_row(*row)
         events = "\n".join(s.events) or "-"
-        return Group(Panel(table, title="HELIOS demo"), Panel(events, title="events and decisions"))
+        return Group(
+            Panel(table, title="HELIOS demo"),
+            Panel(workers, title="worker processes"),
+            Panel(events, title="events and decisions"),
+        )
 
 
 def status_line(s: LiveState, now: float) -> str:
@@ -311,6 +325,10 @@ class DemoRun:
         self.state.breach_ratio = worker.breach_ratio if worker else None
         rss = self.platform.resident_bytes()
         self.state.resident_bytes = sum(rss.values())
+        self.state.workers = [
+            (w.name, w.role, f"{w.ready_replicas}/{w.replicas}", f"{rss.get(w.name, 0) / 2**20:.0f} MiB")
+            for w in tick.observed.workers
+        ]
         for name, value in rss.items():
             self.record.peak_resident_bytes[name] = max(value, self.record.peak_resident_bytes.get(name, 0))
         if status.profiles:
@@ -361,6 +379,9 @@ class DemoRun:
         from helios_worker.models.tasks import workload_prompts
 
         self.state.phase = f"{phase.name} ({phase.kind} prompts)"
+        self.state.phase_index = len(self.record.phases) + 1
+        self.state.phase_count = len(self.options.phases)
+        self.state.phase_started = time.time()
         self.display.say(f"▶ workload phase '{phase.name}': {phase.kind} prompts")
         prompts = workload_prompts(phase.kind, 200, seed=self.options.seed + len(self.record.phases))  # type: ignore[arg-type]
         decisions_before = len(self.record.decisions)
@@ -473,7 +494,7 @@ def run_demo(options: DemoOptions) -> DemoReport:
     record = DemoRecord(started=started, training_seconds=time.time() - started)
     for name, path in models.items():
         record.candidates[name] = {"model": str(path), "layers": model_layers(path)}
-    state = LiveState()
+    state = LiveState(started=started)
     with Display(state, live, log) as display:
         run = DemoRun(options, models, display, record)
         record.spec = {**_spec_summary(run.spec), "telemetry": "prometheus" if options.prometheus else "scrape"}

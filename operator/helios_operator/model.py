@@ -59,13 +59,22 @@ class RolloutSpec:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    """One key of a Secret in the HeliosDeployment's namespace."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
-    image: str = "ghcr.io/helios-dev/helios-worker:0.1.0"
+    image: str | None = None  # None: the operator-wide settings.worker_image
     resources: dict[str, Any] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     env: tuple[dict[str, Any], ...] = ()
     max_batch: int = 64
+    api_token_secret: SecretKey | None = None  # the bearer token the worker's /v1 routes require
 
 
 @dataclass(frozen=True)
@@ -137,13 +146,15 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
     roll = spec.get("rollout") or {}
     rollout = RolloutSpec(ready_timeout_seconds=int(roll.get("readyTimeoutSeconds", RolloutSpec.ready_timeout_seconds)))
     wk = spec.get("worker") or {}
+    token = wk.get("apiTokenSecret")
     worker = WorkerSpec(
-        image=str(wk.get("image", WorkerSpec.image)),
+        image=str(wk["image"]) if wk.get("image") else None,
         resources=dict(wk.get("resources") or {}),
         node_selector={str(k): str(v) for k, v in (wk.get("nodeSelector") or {}).items()},
         tolerations=tuple(wk.get("tolerations") or ()),
         env=tuple(wk.get("env") or ()),
         max_batch=int(wk.get("maxBatch", WorkerSpec.max_batch)),
+        api_token_secret=SecretKey(str(token["name"]), str(token["key"])) if token else None,
     )
     replicas = int(spec.get("replicas", 1))
     if replicas < 0:
@@ -274,6 +285,7 @@ class ObservedWorker:
     replicas: int  # desired
     ready_replicas: int
     created_at: float  # epoch seconds
+    failure: str | None = None  # a pod's container crashing or stuck, with the worker's own error line
 
 
 @dataclass(frozen=True)

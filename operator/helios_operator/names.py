@@ -29,5 +29,9 @@ MANAGER = "helios-operator"
 ROLE_PROFILE = "profile"
 ROLE_SERVE = "serve"
 
+# Labels on the workers' series in Prometheus: the ServiceMonitor relabels LABEL_WORKER into `worker`.
+SERIES_WORKER = "worker"
+SERIES_NAMESPACE = "namespace"
+
 WORKER_PORT = 8000
 WORKER_PORT_NAME = "http"

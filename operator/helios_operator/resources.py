@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from helios_operator import names, naming
-from helios_operator.model import EnsureWorker, HeliosSpec, SpecError
+from helios_operator.model import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
 
 GPU = "nvidia.com/gpu"
+API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
 MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
 HF_DIR = f"{MODELS_ROOT}/hf"
 
@@ -23,8 +24,9 @@ class WorkerSettings:
 
     startup_period_seconds: int = 5
     startup_failure_threshold: int = 120  # 10 minutes to load weights before the kubelet restarts it
-    termination_grace_seconds: int = 120  # in-flight generations finish
+    termination_grace_seconds: int = 120  # above preStop + drain: the kubelet never kills a draining worker
     pre_stop_sleep_seconds: int = 10  # endpoints drop the pod before it starts draining
+    drain_timeout_seconds: int = 30  # the worker's --drain-timeout: in-flight generations finish
     scrape_interval: str = "15s"
 
 
@@ -104,7 +106,9 @@ def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -
     return ModelSource(path=model)
 
 
-def worker_args(hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path: str) -> list[str]:
+def worker_args(
+    hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path: str, settings: WorkerSettings = DEFAULT_SETTINGS
+) -> list[str]:
     """The worker's command line; depth 0 (all layers) leaves --layers out."""
     args = ["helios", "worker", "--model", model_path]
     if action.depth > 0:
@@ -114,7 +118,17 @@ def worker_args(hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path
     if action.role == "profile":
         args.append("--profile")
     args += ["--deployment", hd_name, "--candidate", action.candidate, "--host", "0.0.0.0"]
-    return [*args, "--port", str(names.WORKER_PORT)]
+    return [*args, "--port", str(names.WORKER_PORT), "--drain-timeout", str(settings.drain_timeout_seconds)]
+
+
+def worker_env(worker: WorkerSpec) -> list[dict[str, Any]]:
+    """spec.worker.env, plus HELIOS_API_TOKEN from the Secret named in spec.worker.apiTokenSecret."""
+    env = list(worker.env)
+    if worker.api_token_secret is not None:
+        ref = {"name": worker.api_token_secret.name, "key": worker.api_token_secret.key}
+        env = [e for e in env if e.get("name") != API_TOKEN_ENV]
+        env.append({"name": API_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
+    return env
 
 
 def worker_deployment(
@@ -127,17 +141,23 @@ def worker_deployment(
     settings: WorkerSettings = DEFAULT_SETTINGS,
 ) -> dict[str, Any]:
     """An apps/v1 Deployment running one worker: non-root, probed, drained on stop, scraped."""
-    source = model_source(action.model, spec.worker.image, spec.worker.env)
+    image = spec.worker.image
+    if image is None:
+        raise ValueError("spec.worker.image is unset: the controller fills in the operator's worker_image")
+    source = model_source(action.model, image, spec.worker.env)
     labels = worker_labels(hd_name, action)
-    resources = dict(spec.worker.resources) or {"limits": {GPU: 1}}
+    resources = _quantities_as_strings(dict(spec.worker.resources) or {"limits": {GPU: 1}})
     http = names.WORKER_PORT_NAME
     container = {
         "name": "worker",
-        "image": spec.worker.image,
-        "args": worker_args(hd_name, spec, action, source.path),
+        "image": image,
+        "args": worker_args(hd_name, spec, action, source.path, settings),
         "ports": [{"name": http, "containerPort": names.WORKER_PORT, "protocol": "TCP"}],
-        "env": list(spec.worker.env),
+        "env": worker_env(spec.worker),
         "resources": resources,
+        # A worker that cannot start prints one `helios worker: error: ...` line: it becomes the
+        # pod's lastState.terminated.message, which the operator reports (Degraded=WorkerFailed).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "startupProbe": {
             "httpGet": {"path": "/readyz", "port": http},
             "periodSeconds": settings.startup_period_seconds,
@@ -238,9 +258,25 @@ def service_monitor(
         "spec": {
             "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_SERVICE: names.SERVICE_METRICS}},
             "namespaceSelector": {"matchNames": [namespace]},
-            "endpoints": [{"port": names.WORKER_PORT_NAME, "path": "/metrics", "interval": settings.scrape_interval}],
+            "endpoints": [
+                {
+                    "port": names.WORKER_PORT_NAME,
+                    "path": "/metrics",
+                    "interval": settings.scrape_interval,
+                    # telemetry.py selects each worker's series by `worker` and `namespace`.
+                    "relabelings": [
+                        {"sourceLabels": [_pod_label_meta(names.LABEL_WORKER)], "targetLabel": names.SERIES_WORKER},
+                        {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": names.SERIES_NAMESPACE},
+                    ],
+                }
+            ],
         },
     }
+
+
+def _pod_label_meta(label: str) -> str:
+    """Prometheus' Kubernetes SD name of a pod label: `helios.dev/worker` -> `..._helios_dev_worker`."""
+    return "__meta_kubernetes_pod_label_" + "".join(ch if ch.isalnum() else "_" for ch in label)
 
 
 def _metadata(
@@ -259,6 +295,15 @@ def _metadata(
             }
         ]
     return meta
+
+
+def _quantities_as_strings(resources: dict[str, Any]) -> dict[str, Any]:
+    """Quantities as the API's own strings ("1"): some clients reject an integer GPU count."""
+    out: dict[str, Any] = dict(resources)
+    for part in ("limits", "requests"):
+        if isinstance(out.get(part), dict):
+            out[part] = {k: str(v) for k, v in out[part].items()}
+    return out
 
 
 def _container_security() -> dict[str, Any]:

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from urllib.parse import urlparse
 
-from helios_operator.model import WorkerSpec
-
 ENV_PREFIX = "HELIOS_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -28,10 +26,12 @@ class Settings:
     prometheus_url: str = "http://prometheus-operated.monitoring:9090"  # HeliosDeployment spec.prometheus.url wins
     query_timeout_s: float = 5.0  # per Prometheus HTTP request
     stale_after_s: float = 120.0  # newest sample older than this: MetricsAvailable=False, reason MetricsStale
-    worker_image: str = WorkerSpec.image  # used when spec.worker.image is absent
+    worker_image: str = "ghcr.io/helios-dev/helios-worker:0.1.0"  # used when spec.worker.image is absent
     namespaces: tuple[str, ...] = ()  # () : every namespace (kopf -A)
     log_level: str = "INFO"
     resync_interval_s: float = 15.0  # the reconcile timer
+    metrics_port: int = 8081  # the operator's own /metrics (helios_operator_*); 0: not served
+    service_monitors: bool = False  # a ServiceMonitor per HeliosDeployment, where its CRD is installed
 
     def validate(self) -> Settings:
         problems: list[str] = []
@@ -48,6 +48,8 @@ class Settings:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not 0 < self.resync_interval_s <= 3600:
             problems.append(f"resync_interval_s must be in (0, 3600], got {self.resync_interval_s}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be in [0, 65535] (0: off), got {self.metrics_port}")
         if any(not ns.strip() for ns in self.namespaces):
             problems.append(f"namespaces must not hold empty names, got {list(self.namespaces)}")
         if problems:
@@ -101,7 +103,11 @@ def settings_from_strings(raw: Mapping[str, str]) -> Settings:
         text = raw[f.name].strip()
         default = getattr(defaults, f.name)
         try:
-            if isinstance(default, float):
+            if isinstance(default, bool):
+                values[f.name] = _boolean(text)
+            elif isinstance(default, int):
+                values[f.name] = int(text)
+            elif isinstance(default, float):
                 values[f.name] = float(text)
             elif isinstance(default, tuple):
                 values[f.name] = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -110,7 +116,17 @@ def settings_from_strings(raw: Mapping[str, str]) -> Settings:
             else:
                 values[f.name] = text
         except ValueError:
-            problems.append(f"{f.name} ({env_name(f.name)}) must be a number, got {text!r}")
+            kind = "true or false" if isinstance(default, bool) else "a number"
+            problems.append(f"{f.name} ({env_name(f.name)}) must be {kind}, got {text!r}")
     if problems:
         raise SettingsError("; ".join(problems))
     return Settings(**values).validate()  # type: ignore[arg-type]
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ValueError(text)

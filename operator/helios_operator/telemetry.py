@@ -3,8 +3,8 @@
 Both paths produce the same flat list of `Sample`s, keyed by the `worker` label (the worker
 Deployment's name), and one pure function, `build_snapshot`, turns them into a snapshot:
 
-- In Kubernetes the PodMonitor relabels the pod label `helios.dev/worker` into `worker`, and
-  Prometheus adds `namespace`; `query_prometheus` asks its HTTP API (with a timeout).
+- In Kubernetes the ServiceMonitor (resources.service_monitor) relabels the pod label
+  `helios.dev/worker` into `worker` and keeps `namespace`; `query_prometheus` asks its HTTP API (with a timeout).
 - For local runs `scrape_workers` reads each worker's /metrics itself and attaches `worker`.
 
 Nothing here ever raises for bad telemetry: no series -> reason Missing, samples older than
@@ -25,11 +25,12 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from helios_operator import names
 from helios_operator.model import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 from helios_worker import contract as c
 
-WORKER_LABEL = "worker"  # attached by Prometheus relabelling (or by scrape_workers)
-NAMESPACE_LABEL = "namespace"  # attached by Prometheus for Kubernetes targets
+WORKER_LABEL = names.SERIES_WORKER  # attached by Prometheus relabelling (or by scrape_workers)
+NAMESPACE_LABEL = names.SERIES_NAMESPACE  # attached by Prometheus for Kubernetes targets
 
 # (namespace, HeliosDeployment name, spec) -> snapshot: what the controller calls each reconcile.
 TelemetryProvider = Callable[[str, str, HeliosSpec], Awaitable[TelemetrySnapshot]]
@@ -91,7 +92,7 @@ def build_snapshot(samples: Iterable[Sample], *, now: float, stale_after_s: floa
             return TelemetrySnapshot(
                 "Missing",
                 f"{unlabelled} helios series from {source} carry no `{WORKER_LABEL}` label; relabel the pod label"
-                f" helios.dev/worker into `{WORKER_LABEL}` (the chart's PodMonitor does)",
+                f" helios.dev/worker into `{WORKER_LABEL}` (the ServiceMonitor the operator creates does)",
             )
         return TelemetrySnapshot("Missing", f"no helios series in {source}")
     fresh: list[WorkerTelemetry] = []
@@ -240,10 +241,10 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def series_selector(deployment: str, namespace: str | None = None) -> str:
-    """The PromQL selector of every series the snapshot reads, for one HeliosDeployment."""
-    names = "|".join(re.escape(n) for n in QUERIED_SERIES)
-    matchers = [f"__name__=~{_quote(names)}", f"{c.LABEL_DEPLOYMENT}={_quote(deployment)}"]
+def series_selector(deployment: str, namespace: str | None = None, names: tuple[str, ...] = QUERIED_SERIES) -> str:
+    """The PromQL selector of the series the snapshot reads, for one HeliosDeployment."""
+    pattern = "|".join(re.escape(n) for n in names)
+    matchers = [f"__name__=~{_quote(pattern)}", f"{c.LABEL_DEPLOYMENT}={_quote(deployment)}"]
     if namespace is not None:
         matchers.append(f"{NAMESPACE_LABEL}={_quote(namespace)}")
     return "{" + ",".join(matchers) + "}"
@@ -294,7 +295,9 @@ async def query_prometheus(
     try:
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             values = await _query(client, prometheus_url, selector)
-            newest = await _query(client, prometheus_url, f"max by ({WORKER_LABEL}) (timestamp({selector}))")
+            # timestamp() drops the name, so it must see one metric: every worker exports this one.
+            heartbeat = series_selector(deployment, namespace, (c.GENERATED_TOKENS.series,))
+            newest = await _query(client, prometheus_url, f"max by ({WORKER_LABEL}) (timestamp({heartbeat}))")
     except TelemetryError as err:
         return TelemetrySnapshot("PrometheusError", f"{source}: {err}")
     except httpx.HTTPError as err:

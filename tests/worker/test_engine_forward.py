@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from helios_worker.engine.forward import ExitRule, StepResult, decode, prefill
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.scheduler import Engine
 from helios_worker.engine.testing import HFStack, random_model, random_prompts
+from helios_worker.models.loading import load_partial
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 NO_EXITS = 2.0  # a threshold no confidence reaches: every token runs the whole stack
@@ -117,3 +120,54 @@ def test_with_every_token_exiting_at_layer_one_decoding_still_yields_valid_token
     assert all(e.exit_layer == 1 and not e.breach for e in events)
     assert all(0 <= e.token_id < len(model.tokenizer) for e in events)
     assert finished.completion_tokens == len(events)
+
+
+def test_the_cache_plan_fits_the_budget_with_full_context_first() -> None:
+    per_token = 2 * 4 * 2 * 16 * 2  # K and V, 4 layers, 2 kv heads, head_dim 16, bf16
+    shape = {"layers": 4, "kv_heads": 2, "head_dim": 16, "dtype_bytes": 2, "max_batch": 8, "max_context": 100}
+    assert plan_cache(**shape, budget_bytes=None).slots == 8
+    assert plan_cache(**shape, budget_bytes=3 * 100 * per_token + 5).slots == 3
+    short = plan_cache(**shape, budget_bytes=40 * per_token)
+    assert (short.slots, short.max_seq) == (1, 40)
+    assert plan_cache(**shape, budget_bytes=None).bytes == 8 * 100 * per_token
+    with pytest.raises(ValueError):
+        plan_cache(**shape, budget_bytes=per_token - 1)
+
+
+def test_moving_a_slot_keeps_its_entries_and_frees_the_source() -> None:
+    cache = KVCache(
+        plan_cache(layers=2, kv_heads=1, head_dim=2, dtype_bytes=4, max_batch=3, max_context=4, budget_bytes=None),
+        torch.device("cpu"),
+        torch.float32,
+    )
+    slots = [cache.allocate() for _ in range(3)]
+    assert slots == [0, 1, 2] and cache.allocate() is None
+    cache.k[:, 2] = torch.arange(16.0).view(2, 1, 4, 2)
+    cache.release(0)
+    cache.move(2, 0, length=3)
+    assert torch.equal(cache.k[:, 0, :, :3], torch.arange(16.0).view(2, 1, 4, 2)[:, :, :3])
+    assert cache.allocate() == 2  # the moved row's old slot is the free one now
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_partially_loaded_model_decodes_like_its_first_layers_in_memory(family: str, tmp_path: Path) -> None:
+    """load_partial(dir, 2) through the engine equals generate() of the same model cut to 2 layers in memory."""
+    model = random_model(family, seed=4)
+    model.hf_model.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    partial = load_partial(tmp_path, 2)
+    base = model.hf_model.transformer if family == "gpt2" else model.hf_model.model
+    if family == "gpt2":
+        base.h = base.h[:2]
+    else:
+        base.layers = base.layers[:2]
+    model.hf_model.config.num_hidden_layers = 2
+    batch = random_prompts(4, (4, 7))
+    expected = hf_generate(model, batch, 8)
+    engine = Engine(partial, EngineConfig(confidence_threshold=NO_EXITS, max_batch=2, max_context=64))
+    try:
+        results = engine.generate_batch(GenerationRequest(tuple(p), SamplingParams(max_tokens=8)) for p in batch)
+    finally:
+        engine.stop()
+    assert [[e.token_id for e in events] for events, _ in results] == expected
+    assert all(e.exit_layer == 2 for events, _ in results for e in events)

@@ -110,6 +110,16 @@ class Engine:
         return self.cache.plan.max_seq
 
     @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the preallocated KV cache (helios_kv_cache_bytes)."""
+        return self.cache.bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over the loaded layers (helios_kv_bytes_per_token)."""
+        return self.cache.plan.bytes_per_token
+
+    @property
     def queue_length(self) -> int:
         return len(self._waiting)
 

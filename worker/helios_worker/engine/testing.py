@@ -1,21 +1,20 @@
 """Small random-weight models of every family the engine supports, for tests and benchmarks offline.
 
-`random_model` builds one in memory with the project's character tokenizer; `HFStack` exposes an HF
-causal LM through the attributes the engine reads (the same as models.loading.PartialModel).
+`random_model` builds one in memory with the project's character tokenizer; `HFStack` exposes an
+in-memory HF causal LM through the attributes the engine reads (as models.loading.PartialModel does
+for a directory).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from helios_worker.engine.blocks import StackModel
 from helios_worker.models.tokenizer import build_tokenizer
 
 FAMILY_CONFIGS: dict[str, Any] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
@@ -105,17 +104,3 @@ def random_prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     rng = random.Random(seed)
     vocab = len(build_tokenizer())
     return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
-
-
-def load_stack(path: str | Path, layers: int | None = None) -> StackModel:
-    """A model directory through models.loading.load_partial; an HFStack of the whole model while the
-    loader is not there (layers must then be None)."""
-    try:
-        from helios_worker.models.loading import load_partial  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        if layers is not None:
-            raise
-        model = _AUTO.from_pretrained(str(path), attn_implementation="eager").eval()
-        return HFStack(model, AutoTokenizer.from_pretrained(str(path)))
-    loaded: StackModel = load_partial(path, layers)
-    return loaded

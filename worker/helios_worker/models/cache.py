@@ -84,7 +84,8 @@ def train_preset(
         model, tokenizer, metadata = train_model(chosen, seed, target, log, evaluate_after=evaluate)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+            model.to("cpu")  # type: ignore[arg-type]
+            model.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
             staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 
-def decoder_layers_of(model: nn.Module) -> nn.ModuleList:
+def decoder_layers_of(model: Any) -> nn.ModuleList:
     layers = model.model.layers
     assert isinstance(layers, nn.ModuleList)
     return layers
 
 
-def layer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[
-    torch.Tensor
-]:
+def layer_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """The output of each decoder layer (before the final norm), collected with forward hooks so
     the model's own forward (masks, positions) runs unchanged across transformers versions."""
     outputs: list[torch.Tensor] = []
@@ -36,15 +36,15 @@ def layer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
     return outputs
 
 
-def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def exit_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """LayerSkip-style exit: the model's own final norm and LM head on any layer's hidden state."""
     logits: torch.Tensor = model.lm_head(model.model.norm(hidden))
     return logits
 
 
-def all_exit_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> (
-    torch.Tensor
-):
+def all_exit_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """[layers, batch, seq, vocab] logits of every layer's exit."""
     return torch.stack([exit_logits(model, h) for h in layer_hidden_states(model, input_ids, attention_mask)])
 

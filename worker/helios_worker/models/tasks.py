@@ -16,7 +16,10 @@ from typing import Literal
 Kind = Literal["easy", "hard"]
 KINDS: tuple[Kind, ...] = ("easy", "hard")
 
-WORDS = ["cat", "dog", "sun", "red", "fox", "owl", "sky", "box", "cup", "map", "pen", "hat", "bee", "ant", "elk", "yak", "oak", "sea", "ice", "mud", "jam", "fig", "egg", "car", "bus", "van"]
+WORDS = (
+    "cat", "dog", "sun", "red", "fox", "owl", "sky", "box", "cup", "map", "pen", "hat", "bee",
+    "ant", "elk", "yak", "oak", "sea", "ice", "mud", "jam", "fig", "egg", "car", "bus", "van",
+)
 
 TEMPLATES = (
     "the cat sat on the mat",

@@ -17,7 +17,9 @@ CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The tokenizer (BOS prepended by default); ids are fixed: specials 0..3, then newline, then printable ASCII in order."""
+    """The tokenizer, BOS prepended by default.
+
+    Ids are fixed: specials 0..3, then newline, then printable ASCII in order."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in CHARACTERS:
         vocab[ch] = len(vocab)
@@ -28,7 +30,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=core,
         bos_token=BOS,
         eos_token=EOS,

@@ -30,11 +30,11 @@ Log = Callable[[str], None]
 
 def exit_loss_weights(layers: int) -> list[float]:
     """Weight of each layer's exit loss: rising with depth (LayerSkip), the final layer's 1."""
-    return [0.2 + 0.8 * (l / layers) for l in range(1, layers + 1)]
+    return [0.2 + 0.8 * (layer / layers) for layer in range(1, layers + 1)]
 
 
 def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=preset.hidden,
         intermediate_size=preset.intermediate,
@@ -121,7 +121,8 @@ def train_model(
     (with the held-out evaluation unless `evaluate_after` is False)."""
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(build_config(preset, tokenizer)).to(device)
+    model = LlamaForCausalLM(build_config(preset, tokenizer))
+    model.to(device)  # type: ignore[arg-type]
     model.train()
     weights = exit_loss_weights(preset.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -145,7 +146,7 @@ def train_model(
         if log and (step % 100 == 0 or step == preset.steps - 1):
             log(f"{preset.name} step {step + 1}/{preset.steps} loss {float(loss.detach()):.3f} "
                 f"first/last layer {per_layer[0]:.3f}/{per_layer[-1]:.3f} ({time.monotonic() - started:.0f}s)")
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     for param in model.parameters():
         param.requires_grad_(False)
     metadata: dict[str, Any] = {

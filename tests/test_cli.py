@@ -1,0 +1,74 @@
+"""The `helios` command: every documented subcommand exists, and each pays only for its own imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helios_operator.cli import SUBCOMMANDS, build_parser, main
+
+DOCUMENTED = ("train", "worker", "operator", "demo", "bench")
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_every_documented_subcommand_is_registered() -> None:
+    names = {add.__name__.removeprefix("_add_") for add in SUBCOMMANDS}
+    assert names == set(DOCUMENTED)
+    help_text = build_parser().format_help()
+    for name in DOCUMENTED:
+        assert name in help_text
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_each_subcommand_explains_its_options(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"helios {name}" in out
+    # Every option line carries a help text of its own, not just its name.
+    options = [line for line in out.splitlines() if line.strip().startswith("--")]
+    assert options, out
+
+
+def test_operator_command_imports_no_torch() -> None:
+    """The operator image carries no torch: building its parser must not import it."""
+    result = _run(
+        "import sys; from helios_operator.cli import build_parser; build_parser('operator'); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_worker_command_imports_no_kopf() -> None:
+    """The worker image carries no kopf: building the worker's parser must not import it."""
+    result = _run(
+        "import sys; from helios_operator.cli import build_parser; build_parser('worker'); "
+        "print('kopf' in sys.modules, 'kubernetes' in sys.modules)"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_a_subcommand_whose_extra_is_missing_says_so_instead_of_crashing() -> None:
+    """Simulate the worker image (no kopf): `helios operator` answers with a clear error, exit 2."""
+    result = _run(
+        "import sys; sys.modules['kopf'] = None; from helios_operator.cli import main; "
+        "sys.exit(main(['operator', '--standalone']))"
+    )
+    assert result.returncode == 2
+    assert "needs 'kopf'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_preset_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "huge", "--out", "/tmp/x"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
