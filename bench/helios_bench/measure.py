@@ -151,11 +151,12 @@ def bandwidth_fraction(
     bandwidth: float,
     device: str,
     early_exit: bool,
+    repeats: int,
 ) -> dict[str, Any]:
     observer = ServeObserver()
     system = make(batch, observer)
     try:
-        tps, tokens = decode_speed(system, prompts, batch=batch, new_tokens=new_tokens, device=device)
+        tps, tokens = decode_speed(system, prompts, batch=batch, new_tokens=new_tokens, device=device, repeats=repeats)
     finally:
         system.close()
     layers = observer.mean_layers_per_step(float(sizes.loaded_layers)) if early_exit else float(sizes.loaded_layers)

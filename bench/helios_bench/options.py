@@ -40,6 +40,8 @@ class BenchOptions:
     train_steps: int | None = None  # None: each preset's own step count
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     bandwidth_probe_bytes: int = 1 << 30
+    decode_tokens: int = 64  # tokens per row (EOS ignored) when measuring decode speed for the bandwidth bound
+    decode_repeats: int = 3  # timed pairs per decode-speed measurement; the best counts
     command: str = field(default_factory=lambda: shlex.join(["helios", *sys.argv[1:]]))
 
     def for_quick(self) -> BenchOptions:
@@ -52,6 +54,8 @@ class BenchOptions:
             max_new_tokens=min(self.max_new_tokens, 16),
             max_run_batch=min(self.max_run_batch, 16),
             bandwidth_probe_bytes=min(self.bandwidth_probe_bytes, 64 << 20),
+            decode_tokens=min(self.decode_tokens, 8),
+            decode_repeats=1,
         )
 
 
@@ -114,6 +118,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows the static baseline fits in the default memory budget")
     parser.add_argument("--max-run-batch", type=int, default=d.max_run_batch,
                         help="largest batch actually run for throughput")
+    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                        help="tokens per row when timing decode for the bandwidth-bound fraction")
     parser.add_argument("--train-steps", type=int, default=d.train_steps, help="override each preset's training steps")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
                         help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -141,6 +147,7 @@ def bench_options_from_args(ns: argparse.Namespace) -> BenchOptions:
         memory_budget_bytes=ns.memory_budget_bytes,
         budget_batch=int(ns.budget_batch),
         max_run_batch=int(ns.max_run_batch),
+        decode_tokens=int(ns.decode_tokens),
         train_steps=ns.train_steps,
         dtype=ns.dtype,
     )
@@ -157,7 +164,7 @@ def validate(options: BenchOptions) -> None:
         raise ValueError("--threshold must be in (0, 1)")
     if not 1 <= options.breach_limit < options.breach_window:
         raise ValueError("--breach-limit must be at least 1 and below --breach-window")
-    for name in ("max_new_tokens", "prompts", "profile_requests", "latency_requests", "budget_batch", "max_run_batch"):
+    for name in ("max_new_tokens", "decode_tokens", "decode_repeats", "prompts", "profile_requests", "latency_requests", "budget_batch", "max_run_batch"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if options.rate is not None and options.rate <= 0:

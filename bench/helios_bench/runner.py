@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from helios_bench.options import (
     bench_options_from_args,
     validate,
 )
-from helios_bench.stats import exact_match_rates, sequence_agreement, token_agreement
+from helios_bench.stats import exact_match_rates, forced_agreement, sequence_agreement, token_agreement
 from helios_bench.systems import NO_EXIT_THRESHOLD, Completion, EngineSystem, GenerateSystem, Prompt
 from helios_operator import policy
 from helios_operator.model import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
@@ -55,7 +56,7 @@ from helios_worker.models.cache import train_preset
 __all__ = ["BenchOptions", "BenchResult", "add_bench_arguments", "bench_options_from_args", "run_bench"]
 
 CONFIGS = ("helios", "static", "generate")
-EVAL_CHUNK = 16  # requests served between two looks at the breach rule
+EVAL_CHUNK = 16  # at most this many requests served between two looks at the breach rule
 LATENCY_LOAD = 0.8  # default request rate: this share of the static baseline's measured capacity
 
 
@@ -100,6 +101,7 @@ class Bench:
         self.dtype = options.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         self.presets = options.presets or (GPU_PRESETS if self.device == "cuda" else CPU_PRESETS)
         self.energy = EnergyMeter(self.device)
+        self.started = time.perf_counter()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one bar per model load drowns the bench's own lines
@@ -109,7 +111,8 @@ class Bench:
         self._full_outputs: dict[str, list[Completion]] = {}
 
     def log(self, message: str) -> None:
-        self.console.print(f"[bench] {message}", highlight=False)
+        elapsed = time.perf_counter() - self.started
+        self.console.print(f"[bench {elapsed:6.1f}s] {message}", highlight=False, markup=False, soft_wrap=True)
 
     # ---- models -------------------------------------------------------------------------------
 
@@ -128,14 +131,15 @@ class Bench:
         )
 
     def engine(self, model: Any, *, exits: bool, max_batch: int, kv_budget: int | None = None,
-               observer: Any = None, profile: bool = False, ignore_eos: bool = False) -> EngineSystem:
+               observer: Any = None, profile: bool = False, ignore_eos: bool = False,
+               max_context: int | None = None) -> EngineSystem:
         return EngineSystem(
             model,
             threshold=self.o.confidence_threshold if exits else NO_EXIT_THRESHOLD,
             early_stop=exits,
             breach_window=self.o.breach_window,
             max_batch=max_batch,
-            max_context=self.context,
+            max_context=max_context or self.context,
             kv_budget_bytes=kv_budget,
             device=self.device,
             dtype=self.dtype,
@@ -181,6 +185,7 @@ class Bench:
         final_of = {obj: served[Placement(c.candidate, c.depth)].final for obj, c in choices.items() if c}
 
         # The static baseline first: its capacity sets the request rate of the latency run.
+        self.log(f"measuring the static baseline ({self.largest}, all layers, no exits)")
         static_model = self.load(self.largest, None)
         static_sizes = self.sizes(static_model)
         measured: dict[str, dict[str, Any]] = {}
@@ -191,12 +196,14 @@ class Bench:
         measured["static"]["latency"] = self._latency_engine(
             static_model, static_sizes, exits=False, run_batch=measured["static"]["max_batch"]["run_batch"]
         )
+        self.log(f"measuring plain generate ({self.largest}); latency rate {self.rate:.2f} requests/s")
         measured["generate"] = self._measure_generate(static_model, static_sizes, bandwidth)
         del static_model
         free_device_memory(self.device)
 
         by_placement: dict[Placement, dict[str, Any]] = {}
         for placement in dict.fromkeys(final_of.values()):
+            self.log(f"measuring HELIOS ({placement.candidate} at {placement.depth} layers)")
             model = self.load(placement.candidate, placement.depth)
             sizes = self.sizes(model)
             m = self._measure_engine(model, sizes, exits=True, bandwidth=bandwidth)
@@ -228,12 +235,11 @@ class Bench:
         self.eval_prompts: list[Prompt] = encoded[0][:n]
         self.profile_prompts: list[Prompt] = encoded[0][n:]
         self.context = max(len(p) for p in encoded[0]) + o.max_new_tokens
+        self.decode_context = max(len(p) for p in encoded[0]) + o.decode_tokens
 
     # ---- profiling and the policy -------------------------------------------------------------
 
     def _profile(self, candidate: str) -> CandidateProfile:
-        import time
-
         model = self.load(candidate, None)
         collector = ProfileCollector(int(model.model_layers))
         system = self.engine(model, exits=True, max_batch=len(self.profile_prompts), observer=collector, profile=True)
@@ -270,11 +276,12 @@ class Bench:
         out = Served(final=start, completions=[], served_by=[])
         observer = ServeObserver()
         model = self.load(placement.candidate, placement.depth)
-        system = self.engine(model, exits=True, max_batch=EVAL_CHUNK, observer=observer)
+        step = max(1, min(EVAL_CHUNK, len(self.eval_prompts) // 4))  # at least four looks at the rule
+        system = self.engine(model, exits=True, max_batch=step, observer=observer)
         requests_ok = 0
         try:
-            for begin in range(0, len(self.eval_prompts), EVAL_CHUNK):
-                chunk = self.eval_prompts[begin : begin + EVAL_CHUNK]
+            for begin in range(0, len(self.eval_prompts), step):
+                chunk = self.eval_prompts[begin : begin + step]
                 out.completions += system.run_batch(chunk, self.o.max_new_tokens)
                 out.served_by += [placement.candidate] * len(chunk)
                 requests_ok += len(chunk)
@@ -295,7 +302,7 @@ class Bench:
                     event["to"] = asdict(placement)
                     system.close()
                     model = self.load(placement.candidate, placement.depth)
-                    system = self.engine(model, exits=True, max_batch=EVAL_CHUNK, observer=observer)
+                    system = self.engine(model, exits=True, max_batch=step, observer=observer)
                 out.adaptations.append(event)
                 self.log(f"breach rule fired: {adaptation.reason}")
             out.breach_ratio = system.breach_ratio
@@ -347,12 +354,19 @@ class Bench:
                   "peak_allocated_bytes": tp.pop("peak_allocated_bytes")}
 
         def make(batch: int, observer: ServeObserver) -> System:
-            return self.engine(model, exits=exits, max_batch=batch, observer=observer, ignore_eos=True)
+            return self.engine(model, exits=exits, max_batch=batch, observer=observer, ignore_eos=True,
+                               max_context=self.decode_context)
 
-        bw = {str(b): bandwidth_fraction(make, sizes, self.eval_prompts, batch=b, new_tokens=self.o.max_new_tokens,
-                                         bandwidth=bandwidth, device=self.device, early_exit=exits)
-              for b in self.o.batches}
+        bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=exits) for b in self.o.batches}
         return {"throughput": tp, "max_batch": batches, "memory": memory, "bandwidth": bw, "sizes": asdict(sizes)}
+
+    def _bandwidth(self, make: Any, sizes: Sizes, batch: int, bandwidth: float, *, early_exit: bool) -> dict[str, Any]:
+        result = bandwidth_fraction(make, sizes, self.eval_prompts, batch=batch, new_tokens=self.o.decode_tokens,
+                                    bandwidth=bandwidth, device=self.device, early_exit=early_exit,
+                                    repeats=self.o.decode_repeats)
+        self.log(f"  decode at batch {batch}: {result['tokens_per_second']:.1f} tok/s, "
+                 f"{result['fraction'] * 100:.1f}% of the bandwidth bound")
+        return result
 
     def _latency_engine(self, model: Any, sizes: Sizes, *, exits: bool, run_batch: int) -> dict[str, Any]:
         system = self.engine(model, exits=exits, max_batch=run_batch,
@@ -378,9 +392,7 @@ class Bench:
         def make(batch: int, observer: ServeObserver) -> System:
             return GenerateSystem(model.hf_model, model.tokenizer, self.device, eos, batch, ignore_eos=True)
 
-        bw = {str(b): bandwidth_fraction(make, sizes, self.eval_prompts, batch=b, new_tokens=self.o.max_new_tokens,
-                                         bandwidth=bandwidth, device=self.device, early_exit=False)
-              for b in self.o.batches}
+        bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=False) for b in self.o.batches}
         lat = latency(system, self.arrivals, cycle(self.eval_prompts, len(self.arrivals)), self.o.max_new_tokens)
         outputs = system.run_batch(self.eval_prompts, self.o.max_new_tokens)
         return {"throughput": tp, "max_batch": batches, "memory": memory, "bandwidth": bw, "latency": lat,
@@ -388,14 +400,40 @@ class Bench:
 
     # ---- the report ---------------------------------------------------------------------------
 
-    def _accuracy(self, completions: list[Completion], own: list[Completion]) -> dict[str, Any]:
-        reference = self.full_outputs(self.largest)
+    def predictions(self, candidate: str, completions: list[Completion]) -> list[list[int]]:
+        """The candidate's full model, teacher-forced on each prompt + served output: its greedy token at
+        every served position (the plain transformers forward, independent of the engine)."""
+        model = self.load(candidate, None)
+        out: list[list[int]] = []
+        with torch.inference_mode():
+            for prompt, completion in zip(self.eval_prompts, completions, strict=True):
+                if not completion.token_ids:
+                    out.append([])
+                    continue
+                ids = torch.tensor([list(prompt) + completion.token_ids[:-1]], device=self.device)
+                logits = model.hf_model(input_ids=ids).logits[0, len(prompt) - 1 :]
+                out.append([int(t) for t in logits.argmax(dim=-1).tolist()])
+        del model
+        return out
+
+    def _accuracy(self, completions: list[Completion], served_by: list[str]) -> dict[str, Any]:
+        """Agreement with the full model of the candidate that served each prompt (what the floor bounds),
+        with the largest candidate, free-running and per sequence; and exact match on the tasks."""
+        tokens = [c.token_ids for c in completions]
+        own_pred: list[list[int]] = [[] for _ in completions]
+        for candidate in dict.fromkeys(served_by):
+            pred = self.predictions(candidate, completions)
+            for i, c in enumerate(served_by):
+                if c == candidate:
+                    own_pred[i] = pred[i]
+        largest_pred = self.predictions(self.largest, completions)
+        own_free = [self.full_outputs(c)[i].token_ids for i, c in enumerate(served_by)]
         em = exact_match_rates([e.prompt for e in self.eval_examples], [c.text for c in completions])
         return {
-            "agreement": token_agreement([c.token_ids for c in completions], [c.token_ids for c in own]),
-            "agreement_with_largest": token_agreement([c.token_ids for c in completions],
-                                                      [c.token_ids for c in reference]),
-            "sequence_agreement": sequence_agreement([c.token_ids for c in completions], [c.token_ids for c in own]),
+            "agreement": forced_agreement(tokens, own_pred),
+            "agreement_with_largest": forced_agreement(tokens, largest_pred),
+            "free_running_agreement": token_agreement(tokens, own_free),
+            "sequence_agreement": sequence_agreement(tokens, own_free),
             "exact_match": em["all"],
             "exact_match_easy": em["easy"],
             "exact_match_hard": em["hard"],
@@ -417,18 +455,17 @@ class Bench:
         def helios_for(section: str) -> Placement:
             return final_of.get(objective_of_metric[section], final_of[first])
 
-        largest_full = self.full_outputs(self.largest)
         accuracy: dict[str, Any] = {"floor": o.accuracy_floor, "prompts": len(self.eval_prompts)}
         helios_accuracy: dict[str, dict[str, Any]] = {}
         for start, s in served.items():
-            own = [self.full_outputs(c)[i] for i, c in enumerate(s.served_by)]
-            helios_accuracy[f"{start.candidate}@{start.depth}"] = self._accuracy(s.completions, own)
+            helios_accuracy[f"{start.candidate}@{start.depth}"] = self._accuracy(s.completions, s.served_by)
         accuracy_choice = choices.get(objective_of_metric["accuracy"]) or choices[first]
         assert accuracy_choice is not None
         chosen_start = Placement(accuracy_choice.candidate, accuracy_choice.depth)
         accuracy["helios"] = helios_accuracy[f"{chosen_start.candidate}@{chosen_start.depth}"]
-        accuracy["static"] = self._accuracy(largest_full, largest_full)
-        accuracy["generate"] = self._accuracy(measured["generate"].pop("outputs"), largest_full)
+        everywhere = [self.largest] * len(self.eval_prompts)
+        accuracy["static"] = self._accuracy(self.full_outputs(self.largest), everywhere)
+        accuracy["generate"] = self._accuracy(measured["generate"].pop("outputs"), everywhere)
         accuracy["helios_by_placement"] = helios_accuracy
 
         sections: dict[str, Any] = {}
@@ -508,14 +545,14 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     """Run the whole bench; print the table; write bench.json, bench.png and the RESULTS.md entry."""
     opts = options.for_quick() if options.quick else options
     validate(opts)
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     bench = Bench(opts, console)
     data = bench.run()
     rows = report.compute_ratios(data, opts.batches)
     dev = data["meta"]["device"]
     title = f"helios bench - {dev['name']} ({dev['kind']}) - {data['meta']['date']}"
     table = report.render_table(rows, title, with_values=True)
-    console.print(table, highlight=False, markup=False)
+    console.print(table, highlight=False, markup=False, soft_wrap=True)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, plot_path = out / "bench.json", out / "bench.png"
@@ -525,7 +562,6 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
                       title, plot_path)
     if opts.results_md is not None:
         report.append_results(opts.results_md, report.results_entry(data, rows, table))
-    console.print(f"[bench] wrote {json_path} and {plot_path}"
-                  + (f"; appended to {opts.results_md}" if opts.results_md else ""), highlight=False)
+    bench.log(f"wrote {json_path} and {plot_path}" + (f"; appended to {opts.results_md}" if opts.results_md else ""))
     return BenchResult(data, rows, table, json_path, plot_path, opts.results_md)
 

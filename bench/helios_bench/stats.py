@@ -36,6 +36,19 @@ def token_agreement(outputs: Sequence[Sequence[int]], references: Sequence[Seque
     return agreed / total if total else 1.0
 
 
+def forced_agreement(outputs: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]]) -> float:
+    """Share of served tokens equal to what the reference model predicts on the same served context.
+
+    This is the quantity profiling estimates and the accuracy floor bounds: per token, would the full
+    model have emitted the same token here. Differences do not compound as in free-running agreement.
+    """
+    agreed = total = 0
+    for out, pred in zip(outputs, predictions, strict=True):
+        total += len(out)
+        agreed += sum(1 for a, b in zip(out, pred, strict=True) if a == b)
+    return agreed / total if total else 1.0
+
+
 def sequence_agreement(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> float:
     """Share of requests whose whole output equals the reference's."""
     pairs = list(zip(outputs, references, strict=True))

@@ -56,7 +56,8 @@ def make_controller(settings: Settings, telemetry: TelemetryProvider | None = No
     provider = telemetry or PrometheusTelemetry(
         settings.prometheus_url, timeout_s=settings.query_timeout_s, stale_after_s=settings.stale_after_s
     )
-    return Controller(settings=settings, platform=KubernetesPlatform(), telemetry=provider)
+    platform = KubernetesPlatform(service_monitors=settings.service_monitors)
+    return Controller(settings=settings, platform=platform, telemetry=provider)
 
 
 def owner_of(body: Mapping[str, Any]) -> Owner:
@@ -145,6 +146,12 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
             worker_manifest=worker_manifest,
             service_manifest=service_manifest,
         )
+        await asyncio.to_thread(
+            platform.ensure_monitoring,
+            owner,
+            resources.metrics_service(owner.name, owner.namespace),
+            resources.service_monitor(owner.name, owner.namespace),
+        )
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome = "platform_error"
         why = f"{type(err).__name__}: {err}"[:1000]
@@ -194,13 +201,16 @@ async def _report_platform_error(
 async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
     """On deletion: delete the workers and the Service explicitly (the API server's garbage collector
     would, through the ownerReferences; doing it here also works where no collector runs)."""
+    from helios_operator import resources
+
     owner = owner_of(body)
     platform = controller.platform
+    monitor = resources.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
     async with controller.lock(owner.namespace, owner.name):
         observed = await asyncio.to_thread(platform.observe, owner)
         for worker in observed.workers:
             await asyncio.to_thread(platform.delete_worker, owner, worker.name)
-        await asyncio.to_thread(platform.delete_services, owner)
+        await asyncio.to_thread(platform.delete_services, owner, monitor)
     operator_metrics.forget(owner.namespace, owner.name)
     controller._locks.pop((owner.namespace, owner.name), None)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from helios_operator import controller, names
+from helios_operator import controller, names, operator_metrics
 from helios_operator.settings import Settings, add_arguments, load_settings, settings_from_namespace
 from helios_operator.telemetry import TelemetryProvider
 
@@ -37,6 +37,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     _configure_kubernetes_client()
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
     memo.controller = controller.make_controller(ours, telemetry_provider)
+    memo.metrics_server = operator_metrics.serve(ours.metrics_port, ours.metrics_host)
+
+
+@kopf.on.cleanup()
+def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    server = getattr(memo, "metrics_server", None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def _configure_kubernetes_client() -> None:

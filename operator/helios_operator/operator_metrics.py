@@ -7,8 +7,9 @@ metrics where the caller adds them), and tests can read them without global stat
 from __future__ import annotations
 
 import contextlib
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from helios_operator.model import Status, TelemetrySnapshot
 
@@ -51,3 +52,11 @@ def forget(namespace: str, name: str) -> None:
     for gauge in (ROLLOUT_IN_PROGRESS, METRICS_AVAILABLE):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
+
+
+def serve(port: int, addr: str) -> WSGIServer | None:
+    """Serve REGISTRY on http://addr:port/metrics in a daemon thread; port 0: not served (None)."""
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    return server

@@ -34,6 +34,7 @@ BUSY_REQUEUE = 5.0  # profiling, reassessing, switching: something changes withi
 IDLE_REQUEUE = 30.0  # serving: telemetry moves on Prometheus' scrape interval
 
 Trigger = Literal["profiling", "breach", "reassessment", "rollback", "spec"]
+WORKER_FAILED = "WorkerFailed"  # Degraded reason: a worker's pods cannot start
 
 
 @dataclass
@@ -55,6 +56,7 @@ def step(inp: StepInput) -> StepResult:
         if d.status.phase == phase:
             break
     status = _report(d)
+    _announce_worker_failure(d, status)
     busy = status.phase in ("Profiling", "Reassessing", "Switching", "Pending")
     return StepResult(_normalise(d.actions), status, BUSY_REQUEUE if busy else IDLE_REQUEUE)
 
@@ -131,8 +133,10 @@ def _switching(d: _Draft) -> None:
         return
     _delete(d, target.worker)
     serving = f"{active.candidate} at {active.depth} layers" if active else f"the profiling pool {_round_pool(d)}"
-    why = f"{target.candidate} at {target.depth} layers was not Ready within {timeout}s: rolled back;"
-    why += f" {serving} keeps serving"
+    why = f"{target.candidate} at {target.depth} layers was not Ready within {timeout}s"
+    if worker is not None and worker.failure:
+        why += f" ({worker.failure})"
+    why += f": rolled back; {serving} keeps serving"
     _decide(d, "rollback", target.candidate, target.depth, why, applied=True)
     d.status = d.status.with_changes(phase="Serving", target=None, switch_started="")
 
@@ -151,7 +155,7 @@ def _serving(d: _Draft) -> None:
     _point(d, active.worker)
     _collect(d, {active.worker})
     worker = tel.worker(active.worker)
-    if not tel.available or worker is None or spec.mode != "active":
+    if not tel.available or worker is None or spec.mode != "active" or not _whole(d, active.worker):
         return
     at = d.status.requests_at_assessment
     if worker.requests_ok < at:  # the worker's counters restarted
@@ -353,6 +357,13 @@ def _delete(d: _Draft, name: str) -> None:
         d.actions.append(DeleteWorker(name))
 
 
+def _whole(d: _Draft, name: str) -> bool:
+    """Every pod of the worker Ready and none failing: only then is its telemetry complete enough to act on
+    (a pod killed mid-request leaves partial counters and a half-filled breach window behind)."""
+    w = d.inp.observed.worker(name)
+    return w is not None and w.ready_replicas >= w.replicas and not w.failure
+
+
 def _ready_in(workers: tuple[ObservedWorker, ...], pool: str) -> bool:
     return any(w.pool == pool and w.ready_replicas > 0 for w in workers)
 
@@ -440,7 +451,7 @@ def _report(d: _Draft) -> Status:
         )
     else:
         c = cond.set_condition(c, cond.ROLLOUT_PROGRESSING, "False", "Idle", "no switch in progress", now)
-    degraded = d.degraded or _degraded(d, s)
+    degraded = d.degraded or _worker_failed(obs.workers) or _degraded(d, s)
     if degraded is not None:
         c = cond.set_condition(c, cond.DEGRADED, "True", degraded[0], degraded[1], now)
     else:
@@ -458,6 +469,27 @@ def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"]
         done = w.profile.profiled_requests if w is not None and w.profile is not None else 0
         progress.append(f"{candidate} {done}/{need}")
     return "True", s.phase, f"round {s.profiling_round}: " + ", ".join(progress)
+
+
+def _worker_failed(workers: tuple[ObservedWorker, ...]) -> tuple[str, str] | None:
+    """A worker whose pods cannot start (crash at start, bad image, unschedulable), in the pod's words."""
+    failed = [w for w in workers if w.failure]
+    if not failed:
+        return None
+    parts = []
+    for w in failed:
+        depth = f"{w.depth} layers" if w.depth > 0 else "full depth"
+        parts.append(f"worker {w.name} ({w.candidate} at {depth}): {w.failure}")
+    return WORKER_FAILED, "; ".join(parts)[:1000]
+
+
+def _announce_worker_failure(d: _Draft, status: Status) -> None:
+    """One Warning Event per new WorkerFailed message (not one per reconcile)."""
+    now, before = status.condition(cond.DEGRADED), d.inp.status.condition(cond.DEGRADED)
+    if now is None or now.reason != WORKER_FAILED or now.status != "True":
+        return
+    if before is None or (before.reason, before.message) != (now.reason, now.message):
+        d.actions.append(EmitEvent(WORKER_FAILED, now.message, "Warning"))
 
 
 def _degraded(d: _Draft, s: Status) -> tuple[str, str] | None:

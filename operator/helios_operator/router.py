@@ -37,6 +37,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
+        "expect",  # answered by the router itself
     }
 )
 MAX_HEADER_BYTES = 64 * 1024
@@ -80,8 +81,11 @@ class HttpRequest:
         return conn != "close"
 
 
-async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
-    """Read one HTTP/1.1 request; None when the client closed the connection between requests."""
+async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None = None) -> HttpRequest | None:
+    """Read one HTTP/1.1 request; None when the client closed the connection between requests.
+
+    With a writer, a client that asked `Expect: 100-continue` (curl does for larger bodies) is told to go on.
+    """
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as err:
@@ -103,6 +107,9 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
             raise BadRequest(f"malformed header line {line!r}")
         headers.append((name.strip(), value.strip()))
     req = HttpRequest(parts[0].upper(), parts[1], parts[2], tuple(headers), b"")
+    if writer is not None and (req.header("expect") or "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
     if (req.header("transfer-encoding") or "").lower() == "chunked":
         body = await _read_chunked(reader)
     else:
@@ -249,7 +256,7 @@ class Router:
         try:
             while True:
                 try:
-                    req = await read_request(reader)
+                    req = await read_request(reader, writer)
                 except (BadRequest, ValueError) as err:
                     await _write_simple(writer, 400, error_body(400, str(err), "invalid_request_error"), False)
                     return

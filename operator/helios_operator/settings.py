@@ -31,6 +31,7 @@ class Settings:
     log_level: str = "INFO"
     resync_interval_s: float = 15.0  # the reconcile timer
     metrics_port: int = 8081  # the operator's own /metrics (helios_operator_*); 0: not served
+    metrics_host: str = "0.0.0.0"  # the address /metrics listens on (the pod IP, for Prometheus)
     service_monitors: bool = False  # a ServiceMonitor per HeliosDeployment, where its CRD is installed
 
     def validate(self) -> Settings:

@@ -19,7 +19,7 @@ import yaml
 from chart_render import CHART, ROOT, manifests, one
 
 from helios_operator import names
-from helios_operator.model import WorkerSpec
+from helios_operator.settings import Settings
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
@@ -125,8 +125,8 @@ def test_image_versions_follow_the_package_version() -> None:
     version = PYPROJECT["project"]["version"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == version
-    assert WorkerSpec.image.rsplit(":", 1)[1] == version
-    assert WorkerSpec.image.rsplit(":", 1)[0].endswith("/helios-worker")
+    assert Settings().worker_image.rsplit(":", 1)[1] == version
+    assert Settings().worker_image.rsplit(":", 1)[0].endswith("/helios-worker")
 
 
 def _ignored(patterns: list[str], path: str) -> bool:

@@ -15,7 +15,6 @@ import pytest
 import yaml
 from chart_render import CHART, NAMESPACE, RELEASE, ROOT, VALUE_SETS, kinds, manifests, notes, one, render
 
-from helios_operator.model import WorkerSpec
 from helios_operator.settings import Settings, settings_from_namespace
 
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator kinds: checked in test_chart_monitoring
@@ -121,12 +120,32 @@ def test_the_operator_accepts_the_rendered_args_and_environment(value_set: str) 
     assert settings.prometheus_url == values["prometheusUrl"]
     assert settings.worker_image == values["workerImage"]
     assert settings.log_level == values["logLevel"].upper()
+    assert settings.metrics_port == values["metricsPort"]
+    monitors = helm.Chart.load(str(CHART)).merge_values(VALUE_SETS[value_set])["serviceMonitor"]["enabled"]
+    assert settings.service_monitors is monitors
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_every_helios_variable_the_chart_sets_is_a_setting_the_operator_reads(value_set: str) -> None:
+    from dataclasses import fields
+
+    from helios_operator.settings import env_name
+
+    read = {env_name(f.name) for f in fields(Settings)}
+    assert {k for k in _env(value_set) if k.startswith("HELIOS_")} <= read
+
+
+def values_metrics_port() -> int:
+    port: int = helm.Chart.load(str(CHART)).merge_values({})["operator"]["metricsPort"]
+    return port
 
 
 def test_chart_defaults_equal_the_operators_own_defaults() -> None:
     _, settings = _operator_settings("defaults")
     assert settings.prometheus_url == Settings().prometheus_url
-    assert settings.worker_image == Settings().worker_image == WorkerSpec.image
+    assert settings.worker_image == Settings().worker_image
+    assert settings.metrics_port == Settings().metrics_port == values_metrics_port()
+    assert settings.service_monitors is False
     assert settings.log_level == Settings().log_level
 
 
@@ -136,7 +155,6 @@ def test_operator_settings_reach_the_helios_environment() -> None:
     assert env["HELIOS_LOG_LEVEL"] == "info"
     assert env["HELIOS_METRICS_PORT"] == "8081"
     assert env["HELIOS_SERVICE_MONITORS"] == "false"
-    assert env["HELIOS_OPERATOR_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert _env("monitoring")["HELIOS_SERVICE_MONITORS"] == "true"
     custom = _env("custom")
     assert custom["HELIOS_PROMETHEUS_URL"] == "https://prom.example.com"
@@ -146,7 +164,7 @@ def test_operator_settings_reach_the_helios_environment() -> None:
 
 
 def test_the_default_worker_image_is_model_py_default() -> None:
-    assert _env("defaults")["HELIOS_WORKER_IMAGE"] == WorkerSpec.image
+    assert _env("defaults")["HELIOS_WORKER_IMAGE"] == Settings().worker_image
 
 
 def test_custom_image_resources_and_scheduling_are_applied() -> None:

@@ -155,8 +155,10 @@ def _camel(name: str) -> str:
 
 # Scalar defaults the CRD deliberately leaves out, and why.
 NOT_DEFAULTED_IN_CRD = {
-    # absent means "the operator's HELIOS_WORKER_IMAGE" (the chart sets it; its default equals model.py's)
+    # absent means "the operator's HELIOS_WORKER_IMAGE" (settings.worker_image; the chart sets it)
     "worker.image",
+    # absent means "no token": the workers serve /v1 open
+    "worker.apiTokenSecret",
 }
 
 

@@ -245,3 +245,18 @@ async def test_a_local_prometheus_reads_the_workers_like_the_clusters_does(
         assert w is not None and (w.candidate, w.depth) == ("tiny", 2)
     finally:
         await prom.close()
+
+
+async def test_a_worker_that_cannot_start_is_reported_as_crash_looping(tmp_path: Path) -> None:
+    def broken(launch: WorkerLaunch) -> list[str]:
+        return [sys.executable, "-c", "import sys; print('no such model'); sys.exit(3)"]
+
+    async with Router() as router:
+        p = LocalPlatform("demo", SPEC, router, tmp_path, command=broken)
+        await p.apply([ensure("w1", "p")])
+        await observe_until(p, lambda o: bool(p.crash_looping(restarts=2)), timeout=20)
+        message = p.crash_looping(restarts=2)["w1"]
+        assert p.crash_looping(restarts=3) == {}  # not yet: a third exit is needed
+        await p.close()
+    assert "exited with 3" in message and "no such model" in message
+    assert [e.reason for e in p.events] == ["WorkerExited", "WorkerExited"]

@@ -233,3 +233,25 @@ async def test_switch_and_drain_under_concurrent_load_drops_nothing() -> None:
     streamed = [x for x in results if x.headers["content-type"].startswith("text/event-stream")]
     assert streamed and all(x.text.rstrip().endswith("data: [DONE]") for x in streamed)
     assert r.stats.by_upstream.get(old.url, 0) > 0 and r.stats.by_upstream.get(new.url, 0) > 0
+
+
+async def test_a_curl_style_expect_continue_request_is_forwarded(router: Router) -> None:
+    """curl sends `Expect: 100-continue` for bodies over 1 KiB and waits for the go-ahead."""
+    host, port = router.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"prompt": "p" * 2000, "max_tokens": 2}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(head.encode())
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10.0)
+    writer.close()
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["echo"] == "p" * 2000

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import socket
 import threading
 import time
 import uuid
@@ -34,18 +35,41 @@ SERVICES = kmock.resource("", "v1", "services")
 EVENTS = kmock.resource("", "v1", "events")
 
 
+@dataclass(frozen=True)
+class ApiCall:
+    agent: str  # User-Agent: kopf, helios-operator, or the test's own client (python-httpx)
+    group: str
+    resource: str  # plural, with /subresource
+    verb: str  # as RBAC names it
+
+
+_VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "UPDATE": "patch", "DELETE": "delete"}
+
+
 class HeliosEmulator(kmock.KubernetesEmulator):
     """The emulator plus what kopf relies on: resourceVersion, uid, generation, optimistic concurrency."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = 0
+        self.calls: list[ApiCall] = []  # every API request, as RBAC sees it
+
+    def _record(self, request: rendering.Request) -> None:
+        if request.resource is None or request.action is None or not request.resource.plural:
+            return
+        verb = _VERBS[request.action.value]
+        if request.action == enums.action.UPDATE and request.method is not None:
+            verb = "update" if request.method.value == "PUT" else "patch"
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        agent = str(request.headers.get("User-Agent") or request.headers.get("user-agent") or "")
+        self.calls.append(ApiCall(agent, request.resource.group or "", str(resource), verb))
 
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
 
     async def _handle(self, request: rendering.Request) -> Any:
+        self._record(request)
         if request.resource is not None:
             if request.action == enums.action.CREATE and isinstance(request.data, dict):
                 meta = request.data.setdefault("metadata", {})  # in place: kmock matches by identity
@@ -224,6 +248,14 @@ class FakeCluster:
                 return last
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def free_port() -> int:
+    """A free loopback port (bound and released; the caller binds it next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def write_kubeconfig(path: Path, server_url: str) -> Path:

@@ -12,12 +12,14 @@ Prometheus path is proven in test_telemetry_prometheus.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import httpx
 import kopf
 import pytest
 from kopf.testing import KopfRunner
@@ -25,7 +27,7 @@ from kopf.testing import KopfRunner
 from helios_operator import handlers, names, naming
 from helios_operator.model import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 
-from .kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
+from .kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
 from .profiles import profile
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,6 +113,10 @@ class DeploymentController:
 def operator_env(fake_cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeCluster, World]]:  # noqa: F811
     monkeypatch.setenv("HELIOS_RESYNC_INTERVAL_S", "0.3")
     monkeypatch.setenv("HELIOS_WORKER_IMAGE", "example.test/helios-worker:test")
+    monkeypatch.setenv("HELIOS_METRICS_PORT", str(free_port()))
+    monkeypatch.setenv("HELIOS_METRICS_HOST", "127.0.0.1")
+    # On, but the emulator has no ServiceMonitor CRD: the operator must create none (nor fail).
+    monkeypatch.setenv("HELIOS_SERVICE_MONITORS", "true")
     world = World(
         fake_cluster, {"small": profile("small", layers=8), "big": profile("big", layers=12, tokens_per_second=400.0)}
     )
@@ -160,11 +166,12 @@ def _workers(cluster: FakeCluster) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in cluster.items(FakeCluster.deployment_path(NS))}
 
 
-def _service(cluster: FakeCluster) -> dict[str, Any] | None:
+def _service(cluster: FakeCluster, kind: str = names.SERVICE_STABLE) -> dict[str, Any] | None:
     owned = [
         s
         for s in cluster.items(FakeCluster.service_path(NS))
         if (s["metadata"].get("labels") or {}).get(names.LABEL_DEPLOYMENT) == HD
+        and s["metadata"]["labels"].get(names.LABEL_SERVICE) == kind
     ]
     return owned[0] if owned else None
 
@@ -214,6 +221,13 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
     assert st["replicas"] >= 1 and st["selector"]
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["MetricsAvailable"]["status"] == "True"
+    # The headless metrics Service (every worker) exists and is owned; no ServiceMonitor without its CRD.
+    metrics_svc = _service(cluster, names.SERVICE_METRICS)
+    assert metrics_svc is not None and _owned_by_hd(metrics_svc, uid)
+    assert metrics_svc["spec"]["clusterIP"] == "None"
+    # The operator's own metrics are served on HELIOS_METRICS_PORT.
+    text = httpx.get(f"http://127.0.0.1:{os.environ['HELIOS_METRICS_PORT']}/metrics", timeout=5).text
+    assert 'helios_operator_metrics_available{deployment="chat",namespace="default"} 1.0' in text
 
     # A breach storm on the active worker: adapt to a deeper depth or another candidate.
     world.breach[first["worker"]] = 0.9
@@ -259,7 +273,7 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
     cluster.delete(cluster.hd_path(NS, HD))
     cluster.wait_for("the HeliosDeployment gone", lambda: cluster.get(cluster.hd_path(NS, HD)) is None)
     assert _workers(cluster) == {}
-    assert _service(cluster) is None
+    assert _service(cluster) is None and _service(cluster, names.SERVICE_METRICS) is None
     reasons = {e.get("reason") for e in cluster.items(f"/api/v1/namespaces/{NS}/events")}
     assert {"ProfilingStarted", "SwitchStarted", "Switched"} <= reasons
 

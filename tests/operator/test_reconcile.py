@@ -66,11 +66,13 @@ class Platform:
     breaches: dict[str, float] = field(default_factory=dict)  # worker -> ratio in a full window
     profiles: dict[str, CandidateProfile] = field(default_factory=lambda: dict(PROFILES))
     broken: set[str] = field(default_factory=set)  # workers whose pods never get Ready
+    failures: dict[str, str] = field(default_factory=dict)  # worker -> what its pods say (ObservedWorker.failure)
     telemetry_reason: TelemetryReason = "Ok"
     history: list[Action] = field(default_factory=list)
 
     def observed(self) -> Observed:
-        return Observed(tuple(self.workers.values()), self.service_pool)
+        workers = tuple(replace(w, failure=self.failures.get(w.name)) for w in self.workers.values())
+        return Observed(workers, self.service_pool)
 
     def telemetry(self) -> TelemetrySnapshot:
         if self.telemetry_reason != "Ok":
@@ -335,6 +337,35 @@ def test_a_breach_target_not_ready_is_rolled_back_and_the_active_worker_stays() 
     assert p.status.active is not None and p.status.active.worker == "chat-small-l5"
     assert set(p.workers) == {"chat-small-l5"} and p.service_pool == "chat-small-l5"
     assert p.status.decisions[-1].trigger == "rollback"
+
+
+def test_a_worker_that_cannot_start_is_degraded_worker_failed_and_rolled_back_serving_untouched() -> None:
+    """A schema-valid spec that cannot work (here: a depth the model lacks) ends in a condition with
+    the worker's own error line; the serving worker is never touched, the switch rolls back."""
+    error = "helios worker: error: --layers 6 exceeds the model's 4 layers"
+    p = Platform(broken={"chat-small-l6"})
+    p.failures["chat-small-l6"] = f"pod chat-small-l6-abc: container worker exited with code 2: {error}"
+    profiled(p)
+    p.settle()
+    p.serve(20)
+    serving = p.workers["chat-small-l5"]
+    p.breaches["chat-small-l5"] = 0.6
+    for _ in range(4):  # several reconciles while the target crash-loops
+        p.step()
+        p.now += 5
+    assert p.status.phase == "Switching"
+    c = p.status.condition("Degraded")
+    assert c is not None and (c.status, c.reason) == ("True", "WorkerFailed")
+    assert "worker chat-small-l6 (small at 6 layers)" in c.message and error in c.message
+    assert [e.type for e in p.events("WorkerFailed")] == ["Warning"]  # once, not at every reconcile
+    assert p.service_pool == "chat-small-l5" and p.workers["chat-small-l5"] == serving
+    p.now += 121
+    p.settle()
+    assert p.status.decisions[-1].trigger == "rollback" and error in p.status.decisions[-1].reason
+    assert set(p.workers) == {"chat-small-l5"} and p.service_pool == "chat-small-l5"
+    assert not [a for a in p.history if isinstance(a, DeleteWorker) and a.name == "chat-small-l5"]
+    c = p.status.condition("Degraded")
+    assert c is not None and c.status == "False"  # the failed worker is gone; what serves is healthy
 
 
 def test_profiling_drops_a_silent_candidate_at_the_timeout() -> None:

@@ -45,7 +45,7 @@ def test_serve_worker_runs_the_chosen_depth_from_the_mounted_claim() -> None:
     assert c["args"] == [
         "helios", "worker", "--model", "/models/models/llama-1b", "--layers", "5", "--threshold", "0.8",
         "--breach-window", "100", "--max-batch", "64", "--deployment", "chat", "--candidate", "small",
-        "--host", "0.0.0.0", "--port", "8000",
+        "--host", "0.0.0.0", "--port", "8000", "--drain-timeout", "30",
     ]  # fmt: skip
     pod = d["spec"]["template"]["spec"]
     claim = {"claimName": "models", "readOnly": True}
@@ -89,8 +89,12 @@ def test_worker_pod_is_locked_down_probed_and_drained() -> None:
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 600  # slow model loads
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] < pod["terminationGracePeriodSeconds"]
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    # The kubelet kills only after preStop and the worker's whole --drain-timeout have passed.
+    drain = int(c["args"][c["args"].index("--drain-timeout") + 1])
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] + drain < pod["terminationGracePeriodSeconds"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    # A worker that exits at start (`helios worker: error: ...`) shows that line in lastState.
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert c["env"][0]["name"] == "HF_TOKEN"
     ann = d["spec"]["template"]["metadata"]["annotations"]
@@ -100,7 +104,7 @@ def test_worker_pod_is_locked_down_probed_and_drained() -> None:
 def test_spec_resources_replace_the_default_gpu() -> None:
     spec = replace(SPEC, worker=replace(SPEC.worker, resources={"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}))
     c = container(resources.worker_deployment("chat", "ml", spec, SERVE))
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "2", "memory": "64Gi"}}  # quantities as strings
 
 
 def test_owner_reference_makes_the_heliosdeployment_the_controller() -> None:
@@ -162,4 +166,38 @@ def test_metrics_service_and_monitor_cover_every_worker() -> None:
     assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     stable = resources.stable_service("chat", "ml", "p")
     assert not mon["spec"]["selector"]["matchLabels"].items() <= stable["metadata"]["labels"].items()
-    assert mon["spec"]["endpoints"][0]["port"] == "http"
+    endpoint = mon["spec"]["endpoints"][0]
+    assert endpoint["port"] == "http"
+    # telemetry.py keys series by `worker` (the pod label helios.dev/worker) and filters by `namespace`.
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabel == {
+        "worker": ["__meta_kubernetes_pod_label_helios_dev_worker"],
+        "namespace": ["__meta_kubernetes_namespace"],
+    }
+    assert names.LABEL_WORKER in worker_labels
+
+
+def test_api_token_secret_becomes_the_workers_helios_api_token() -> None:
+    spec = HeliosSpec.from_dict(
+        {
+            "candidates": [{"name": "small", "model": "/m"}],
+            "worker": {"image": "w:1", "apiTokenSecret": {"name": "helios-token", "key": "token"}},
+        }
+    )
+    d = resources.worker_deployment("chat", "ml", spec, SERVE)
+    kubernetes_validate.validate(d, K8S, strict=True)
+    env = {e["name"]: e for e in container(d)["env"]}
+    assert env["HELIOS_API_TOKEN"] == {
+        "name": "HELIOS_API_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "helios-token", "key": "token"}},
+    }
+    assert "HELIOS_API_TOKEN" not in {
+        e["name"] for e in container(resources.worker_deployment("chat", "ml", SPEC, SERVE))["env"]
+    }
+
+
+def test_a_spec_without_an_image_leaves_the_default_to_the_operator() -> None:
+    spec = HeliosSpec.from_dict({"candidates": [{"name": "small", "model": "/m"}]})
+    assert spec.worker.image is None
+    with pytest.raises(ValueError, match="worker_image"):
+        resources.worker_deployment("chat", "ml", spec, SERVE)

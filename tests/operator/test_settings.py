@@ -56,3 +56,44 @@ def test_flags_win_over_environment_variables() -> None:
 def test_bad_values_stop_start_up_with_the_setting_named(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings([], env)
+
+
+def test_metrics_port_and_service_monitors_are_read_typed_and_checked() -> None:
+    s = load_settings([], {"HELIOS_METRICS_PORT": "9100", "HELIOS_SERVICE_MONITORS": "true"})
+    assert (s.metrics_port, s.service_monitors) == (9100, True)
+    assert load_settings([], {"HELIOS_METRICS_PORT": "0"}).metrics_port == 0  # off
+    assert load_settings([], {"HELIOS_SERVICE_MONITORS": "false"}).service_monitors is False
+    with pytest.raises(SettingsError, match="metrics_port"):
+        load_settings([], {"HELIOS_METRICS_PORT": "70000"})
+    with pytest.raises(SettingsError, match=r"HELIOS_SERVICE_MONITORS\) must be true or false"):
+        load_settings([], {"HELIOS_SERVICE_MONITORS": "maybe"})
+
+
+def test_a_spec_without_an_image_runs_the_operators_worker_image() -> None:
+    from helios_operator.controller import read_spec
+
+    body = {"spec": {"candidates": [{"name": "a", "model": "/m"}]}}
+    assert read_spec(body, Settings(worker_image="registry.test/w:9")).worker.image == "registry.test/w:9"
+    own = {"spec": {"candidates": [{"name": "a", "model": "/m"}], "worker": {"image": "mine:1"}}}
+    assert read_spec(own, Settings(worker_image="registry.test/w:9")).worker.image == "mine:1"
+
+
+def test_the_operators_own_metrics_are_served_on_metrics_port() -> None:
+    import socket
+
+    import httpx
+
+    from helios_operator import operator_metrics
+
+    assert operator_metrics.serve(0, "127.0.0.1") is None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = operator_metrics.serve(port, addr="127.0.0.1")
+    assert server is not None
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'helios_operator_reconcile_total{result="ok"}' in text

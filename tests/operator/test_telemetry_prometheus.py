@@ -97,8 +97,9 @@ async def test_prometheus_returns_the_workers_real_exit_distributions_and_an_out
         _complete(url_a, 3)
         prom = _prometheus(tmp_path, {url_a.removeprefix("http://"): "chat-p1-tiny"})
         try:
-            prom.wait_for('helios_profiled_requests_total{worker="chat-p1-tiny"}',
-                          lambda r: r and float(r[0]["value"][1]) >= 3)
+            prom.wait_for(
+                'helios_profiled_requests_total{worker="chat-p1-tiny"}', lambda r: r and float(r[0]["value"][1]) >= 3
+            )
             via_prometheus = await query_prometheus(prom.url, HD, namespace=NS, timeout_s=5)
             direct = scrape_workers({url_a: "chat-p1-tiny"})
             assert via_prometheus.reason == "Ok", via_prometheus.message

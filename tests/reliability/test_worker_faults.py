@@ -118,4 +118,3 @@ async def test_sigkill_behind_the_router_gives_clean_json_errors(worker: WorkerP
         assert error["message"] and error["type"] in ("bad_gateway", "service_unavailable")
     assert queued_after < BOUND
     assert router.stats.failed >= 3
-

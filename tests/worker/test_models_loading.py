@@ -228,3 +228,24 @@ def test_directories_that_are_not_causal_lms_are_clear_errors(saved: dict[str, P
     (weightless / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="missing"):
         load_partial(weightless, 1)
+
+
+def test_a_tied_head_is_not_read_from_the_checkpoint(saved: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint that also stores the tied head: only the embedding is read, and shared."""
+    source = saved["qwen2"]
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    state = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(source)).state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    partial = load_partial(tmp_path, 1)
+    assert "lm_head.weight" not in partial.read_keys and "model.embed_tokens.weight" in partial.read_keys
+    assert partial.lm_head().weight is partial.embed_tokens().weight
+
+
+def test_a_tensor_of_the_wrong_shape_is_a_clear_error(saved: dict[str, Path], tmp_path: Path) -> None:
+    config = json.loads((saved["llama"] / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((saved["llama"] / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match="has shape"):
+        load_partial(tmp_path, 1)

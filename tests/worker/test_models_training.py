@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helios_worker.models.cache import METADATA_FILE, train_command, train_preset
+from helios_worker.models.exits import first_confident_layer
 from helios_worker.models.presets import PRESETS
 from helios_worker.models.tasks import eval_examples
 from helios_worker.models.training import exit_loss_weights, exit_shape, train_model
@@ -18,8 +20,11 @@ from helios_worker.models.training import exit_loss_weights, exit_shape, train_m
 CPU = torch.device("cpu")
 
 
-def _weights(seed: int, steps: int = 4) -> dict[str, torch.Tensor]:
-    model, _, _ = train_model(PRESETS["tiny"].with_steps(steps), seed, CPU, evaluate_after=False)
+MICRO = dataclasses.replace(PRESETS["tiny"], name="micro", layers=2, steps=3, batch=4, seq_len=48)
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    model, _, _ = train_model(MICRO, seed, CPU, evaluate_after=False)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -36,12 +41,12 @@ def test_exit_loss_weights_rise_with_depth_to_one_at_the_last_layer() -> None:
 
 
 def test_a_second_call_is_a_cache_hit(tmp_path: Path) -> None:
-    first = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path, evaluate=False)
+    first = train_preset(MICRO, seed=5, cache_dir=tmp_path, evaluate=False)
     started = time.monotonic()
-    second = train_preset("tiny", seed=5, steps=2, cache_dir=tmp_path, evaluate=False)
+    second = train_preset(MICRO, seed=5, cache_dir=tmp_path, evaluate=False)
     assert second == first and time.monotonic() - started < 0.5
-    assert train_preset("tiny", seed=6, steps=2, cache_dir=tmp_path, evaluate=False) != first  # keyed by seed
-    assert json.loads((first / METADATA_FILE).read_text())["steps"] == 2
+    assert train_preset(MICRO, seed=6, cache_dir=tmp_path, evaluate=False) != first  # keyed by seed
+    assert json.loads((first / METADATA_FILE).read_text())["steps"] == MICRO.steps
 
 
 def test_an_interrupted_training_leaves_no_model_behind(tmp_path: Path) -> None:
@@ -49,7 +54,7 @@ def test_an_interrupted_training_leaves_no_model_behind(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_preset("tiny", steps=2, cache_dir=tmp_path, evaluate=False, log=interrupt)
+        train_preset(MICRO, cache_dir=tmp_path, evaluate=False, log=interrupt)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -59,7 +64,7 @@ def test_an_interrupted_save_leaves_no_model_behind(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(Path, "rename", fail_rename)
     with pytest.raises(OSError, match="disk full"):
-        train_preset("tiny", steps=2, cache_dir=tmp_path, evaluate=False)
+        train_preset(MICRO, cache_dir=tmp_path, evaluate=False)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -85,3 +90,8 @@ def test_the_trained_tiny_model_exits_easy_tokens_early_and_hard_ones_late(tiny_
     metadata = json.loads((tiny_model_dir / METADATA_FILE).read_text())
     assert metadata["preset"] == "tiny" and metadata["evaluation"]["exact_match"]["easy"] > 0.8
     assert len(metadata["final_layer_losses"]) == PRESETS["tiny"].layers
+
+
+def test_first_confident_layer_is_one_based_and_depth_plus_one_when_never_confident() -> None:
+    confidence = torch.tensor([[0.95, 0.2, 0.1], [0.5, 0.91, 0.3], [0.99, 0.5, 0.89]])  # [layers, tokens]
+    assert first_confident_layer(confidence, 0.9).tolist() == [1, 2, 4]

@@ -136,6 +136,7 @@ class LocalWorker:
     replicas: list[Replica] = field(default_factory=list)
     restarts: int = 0
     next_start_at: float = 0.0  # restart back-off
+    last_exit: str = ""  # why its last process exited (exit code, log tail)
 
 
 def read_rss_bytes(pid: int) -> int:
@@ -304,12 +305,11 @@ class LocalPlatform:
                         self.router.remove_member(replica.url)
                     worker.restarts += 1
                     worker.next_start_at = time.time() + min(2.0**worker.restarts, MAX_RESTART_BACKOFF_S)
-                    self.record(
-                        "Warning",
-                        "WorkerExited",
+                    worker.last_exit = (
                         f"{name} (port {replica.port}) exited with {replica.process.returncode}: "
-                        f"{log_tail(replica.log_path)}",
+                        f"{log_tail(replica.log_path)}"
                     )
+                    self.record("Warning", "WorkerExited", worker.last_exit)
         everyone = [r for w in self._workers.values() for r in w.replicas]
         await asyncio.gather(*(self._probe_ready(r) for r in everyone))
         for worker in self._workers.values():
@@ -363,11 +363,7 @@ class LocalPlatform:
 
     def crash_looping(self, restarts: int = 3) -> dict[str, str]:
         """Workers that exited this many times (name -> the last exit's log tail): CrashLoopBackOff."""
-        return {
-            name: next((e.message for e in reversed(self.events) if e.reason == "WorkerExited" and name in e.message), "")
-            for name, w in self._workers.items()
-            if w.restarts >= restarts
-        }
+        return {name: w.last_exit for name, w in self._workers.items() if w.restarts >= restarts}
 
     @property
     def draining(self) -> int:

@@ -61,7 +61,7 @@ def is_complete(directory: Path) -> bool:
 
 
 def train_preset(
-    preset: str,
+    preset: str | Preset,
     seed: int = 0,
     *,
     device: str | None = None,
@@ -71,9 +71,10 @@ def train_preset(
     evaluate: bool = True,
 ) -> Path:
     """The directory of the trained model (HF config, safetensors, tokenizer, helios.json);
-    trains it on the first call, returns at once afterwards. `evaluate=False` skips the held-out
+    trains it on the first call, returns at once afterwards. `preset` is a name of PRESETS or a
+    Preset of one's own (tests). `evaluate=False` skips the held-out
     evaluation in helios.json (quick test trainings)."""
-    chosen = get_preset(preset).with_steps(steps)
+    chosen = (get_preset(preset) if isinstance(preset, str) else preset).with_steps(steps)
     target = torch.device(device) if device else default_device(chosen)
     final = cache_path(chosen, seed, target, cache_dir)
     if is_complete(final):
@@ -96,7 +97,7 @@ def train_preset(
             shutil.rmtree(staging, ignore_errors=True)
             raise
     if log:
-        log(f"{preset}: saved to {final}")
+        log(f"{chosen.name}: saved to {final}")
     return final
 
 

@@ -216,19 +216,28 @@ def load_partial(
     if not 1 <= depth <= model_layers:
         raise ModelLoadError(f"layers must be between 1 and {model_layers} for {directory}, got {depth}")
     target = torch.device(device)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(cut_config(config, depth), dtype=dtype)  # type: ignore[no-untyped-call]
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(cut_config(config, depth), dtype=dtype)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelLoadError(f"{directory}: cannot build a {config.model_type} causal LM: {error}") from error
     prefix = str(model.base_model_prefix)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    head_name = next((n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight), None)
+    head = model.get_output_embeddings()
+    head_module = next((n for n, m in model.named_modules() if m is head), None)
+    head_name = f"{head_module}.weight" if head_module else None
     try:
         with open_checkpoint(directory) as checkpoint:
             available = checkpoint.keys()
-            for name, _param in list(model.named_parameters(remove_duplicate=False)):
+            for name, param in list(model.named_parameters(remove_duplicate=False)):
                 source = _checkpoint_name(name, available, prefix)
-                if source is None:
-                    continue  # reported below unless tied
+                if source is None or (tied and name == head_name):
+                    continue  # missing ones are reported below; a tied head is the embedding
                 tensor = checkpoint.read(source)
+                if tensor.shape != param.shape:
+                    raise ModelLoadError(
+                        f"{directory}: {source} has shape {tuple(tensor.shape)}, the config says {tuple(param.shape)}"
+                    )
                 _set_parameter(model, name, tensor.to(device=target, dtype=dtype))
             read_keys = tuple(checkpoint.read_keys)
     except CheckpointError as error:

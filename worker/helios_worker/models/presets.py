@@ -32,16 +32,16 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny", "6 layers x 96, ~0.5M parameters; about a minute on 2 CPU cores",
+        Preset("tiny", "6 layers x 96, 0.7M parameters; about a minute on 2 CPU cores",
                layers=6, hidden=96, heads=4, intermediate=256, steps=500, batch=24, seq_len=96,
                lr=4e-3, max_context=256),
-        Preset("small", "10 layers x 128, ~1.6M parameters; a few minutes on 2 CPU cores",
+        Preset("small", "10 layers x 128, 2M parameters; a few minutes on 2 CPU cores",
                layers=10, hidden=128, heads=4, intermediate=352, steps=600, batch=24, seq_len=96,
                lr=3e-3, max_context=256),
-        Preset("medium", "16 layers x 512, ~40M parameters; a few minutes on one GPU",
+        Preset("medium", "16 layers x 512, 51M parameters; a few minutes on one GPU",
                layers=16, hidden=512, heads=8, intermediate=1408, steps=2000, batch=64, seq_len=128,
                lr=1.5e-3, max_context=1024, gpu=True),
-        Preset("large", "24 layers x 1024, ~230M parameters; a few minutes more on one GPU",
+        Preset("large", "24 layers x 1024, 308M parameters; a few minutes more on one GPU",
                layers=24, hidden=1024, heads=16, intermediate=2816, steps=2000, batch=64, seq_len=128,
                lr=8e-4, max_context=2048, gpu=True),
     )

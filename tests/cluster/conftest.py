@@ -1,0 +1,221 @@
+"""The end-to-end suite's gate, configuration and cluster fixtures (see docs/cluster-testing.md).
+
+Every test under tests/cluster is marked `cluster` and skipped, with the reason, unless HELIOS_E2E=1
+and KUBECONFIG (or ~/.kube/config) points at a cluster that answers `kubectl version` within seconds.
+What the fixtures leave behind is one namespace (deleted at the end unless HELIOS_E2E_KEEP=1), one
+PersistentVolume named after it, the CRD (kept: other releases may use it) and the Helm release's
+cluster-wide objects (removed by `helm uninstall`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_support import (
+    HERE,
+    MODEL_CLAIM,
+    OPERATOR,
+    PROMETHEUS,
+    RELEASE,
+    REPO,
+    SKIP_REASON,
+    E2EConfig,
+    Kubectl,
+    operator_logs,
+    prometheus_objects,
+    split_image,
+    wait_for,
+)
+
+
+@cache
+def e2e_config() -> E2EConfig:
+    return E2EConfig.from_env()
+
+
+@cache
+def unavailable() -> str | None:
+    """Why the suite cannot run here, or None. Asks the cluster only when HELIOS_E2E=1."""
+    cfg = e2e_config()
+    if not cfg.enabled:
+        return f"{SKIP_REASON} (HELIOS_E2E is not 1)"
+    if shutil.which("kubectl") is None:
+        return f"{SKIP_REASON} (no kubectl on PATH)"
+    if cfg.kubeconfig is None:
+        return f"{SKIP_REASON} (no KUBECONFIG and no ~/.kube/config)"
+    try:
+        done = subprocess.run(
+            ["kubectl", "version", "-o", "json", "--request-timeout=5s"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"{SKIP_REASON} (`kubectl version` did not answer in 15 s)"
+    if done.returncode != 0 or "serverVersion" not in done.stdout:
+        return f"{SKIP_REASON} (the cluster in {cfg.kubeconfig} did not answer: {done.stderr.strip()[:300]})"
+    if shutil.which(cfg.helm) is None:
+        return f"the chart is installed with Helm: put `helm` on PATH or set HELIOS_HELM (got {cfg.helm!r})"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # This hook sees every collected item, not only this folder's: touch only ours.
+    ours = [item for item in items if HERE in Path(str(item.path)).resolve().parents]
+    if not ours:
+        return
+    reason = unavailable()
+    for item in ours:
+        item.add_marker(pytest.mark.cluster)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one namespace, the CRD, models on a hostPath volume, Prometheus, the chart
+
+
+@pytest.fixture(scope="session")
+def e2e() -> E2EConfig:
+    return e2e_config()
+
+
+@pytest.fixture(scope="session")
+def kube(e2e: E2EConfig) -> Iterator[Kubectl]:
+    """kubectl bound to a fresh namespace, deleted at the end (unless HELIOS_E2E_KEEP=1)."""
+    kube = Kubectl(f"helios-e2e-{uuid.uuid4().hex[:6]}")
+    kube.ok("create", "namespace", kube.namespace)
+    yield kube
+    if not e2e.keep:
+        kube.run("delete", "namespace", kube.namespace, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def crd(kube: Kubectl, e2e: E2EConfig) -> dict[str, Any]:
+    """`kubectl apply -f crds/`, then the CRD once Established."""
+    kube.ok("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kube.ok("wait", "--for=condition=Established", "crd/heliosdeployments.helios.dev", "--timeout=60s", timeout=90)
+    return kube.json("get", "crd", "heliosdeployments.helios.dev")
+
+
+@pytest.fixture(scope="session")
+def model_claim(kube: Kubectl, e2e: E2EConfig) -> Iterator[str]:
+    """A read-only PVC over HELIOS_E2E_MODEL_DIR on the nodes (a hostPath PV bound to it by name),
+    so the example's models are named pvc://helios-models/helios-tiny and .../helios-small."""
+    pv = f"{kube.namespace}-models"
+    kube.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadOnlyMany"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "hostPath": {"path": e2e.model_dir, "type": "Directory"},
+                    "claimRef": {"namespace": kube.namespace, "name": MODEL_CLAIM},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": MODEL_CLAIM, "namespace": kube.namespace},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        ]
+    )
+    wait_for(
+        "the model claim Bound",
+        lambda: kube.ns_json("get", "pvc", MODEL_CLAIM)["status"].get("phase") == "Bound",
+        timeout=60,
+    )
+    yield MODEL_CLAIM
+    if not e2e.keep:
+        kube.run("delete", "pv", pv, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def prometheus_url(kube: Kubectl, e2e: E2EConfig) -> str:
+    """HELIOS_E2E_PROMETHEUS_URL, or a Prometheus of our own in the namespace that scrapes the worker
+    pods every 5 s and labels their series `worker` and `namespace` as the chart's ServiceMonitor does."""
+    if e2e.prometheus_url:
+        return e2e.prometheus_url
+    kube.apply(prometheus_objects(kube.namespace, e2e.prometheus_image))
+    kube.ns("rollout", "status", f"deployment/{PROMETHEUS}", f"--timeout={int(e2e.timeout_s)}s", timeout=e2e.timeout_s)
+    return f"http://{PROMETHEUS}.{kube.namespace}.svc:9090"
+
+
+@pytest.fixture(scope="session")
+def operator_release(kube: Kubectl, e2e: E2EConfig, crd: dict[str, Any], prometheus_url: str) -> Iterator[str]:
+    """The chart, installed into the test namespace and watching only it; the operator Deployment's name."""
+    repository, tag = split_image(e2e.operator_image)
+    command = [
+        e2e.helm,
+        "install",
+        RELEASE,
+        str(REPO / "charts" / "helios"),
+        "--namespace",
+        kube.namespace,
+        "--skip-crds",  # applied by the `crd` fixture from crds/, the same file
+        "--wait",
+        "--timeout",
+        f"{int(e2e.timeout_s)}s",
+        "--set",
+        f"fullnameOverride={OPERATOR}",
+        "--set",
+        f"image.repository={repository}",
+        "--set",
+        f"image.tag={tag}",
+        "--set",
+        f"operator.workerImage={e2e.worker_image}",
+        "--set",
+        f"operator.prometheusUrl={prometheus_url}",
+        "--set",
+        f"watchNamespaces={{{kube.namespace}}}",
+        "--set",
+        "operator.logLevel=debug",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=e2e.timeout_s + 60, check=False)
+    assert done.returncode == 0, f"helm install failed: {done.stderr.strip()}\n{operator_logs(kube)}"
+    yield OPERATOR
+    if not e2e.keep:
+        subprocess.run(
+            [e2e.helm, "uninstall", RELEASE, "--namespace", kube.namespace],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def api_proxy(e2e: E2EConfig) -> Iterator[str]:
+    """`kubectl proxy` on a free loopback port; its base URL."""
+    proc = subprocess.Popen(
+        ["kubectl", "proxy", "--address=127.0.0.1", "--port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Starting to serve on 127.0.0.1:PORT"
+        assert "Starting to serve on" in line, f"kubectl proxy said: {line!r}"
+        yield "http://" + line.rsplit(" ", 1)[-1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)

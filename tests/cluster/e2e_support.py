@@ -1,0 +1,257 @@
+"""Helpers of the end-to-end suite: its configuration, kubectl, a Prometheus of its own, traffic.
+Plain functions and classes; the fixtures that use them are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent  # tests/cluster
+SKIP_REASON = "no Kubernetes cluster: set KUBECONFIG to a cluster and HELIOS_E2E=1; see docs/cluster-testing.md"
+RELEASE = "helios-e2e"
+OPERATOR = "helios-e2e-operator"  # the chart's fullnameOverride: a Deployment name the tests can find
+MODEL_CLAIM = "helios-models"
+PROMETHEUS = "helios-e2e-prometheus"
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """Everything the suite reads from the environment, read once."""
+
+    enabled: bool
+    kubeconfig: str | None
+    helm: str
+    operator_image: str
+    worker_image: str
+    model_dir: str  # on every node: holds helios-tiny/ and helios-small/ (`helios train --out`)
+    prometheus_url: str | None  # an existing Prometheus that scrapes the workers; None: deploy one
+    prometheus_image: str
+    timeout_s: float  # for each wait on the cluster (pods pulling images, profiling on CPU)
+    keep: bool
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ[str] = os.environ) -> E2EConfig:
+        default_config = Path.home() / ".kube" / "config"
+        return cls(
+            enabled=env.get("HELIOS_E2E") == "1",
+            kubeconfig=env.get("KUBECONFIG") or (str(default_config) if default_config.is_file() else None),
+            helm=env.get("HELIOS_HELM") or "helm",
+            operator_image=env.get("HELIOS_E2E_OPERATOR_IMAGE") or "helios-operator:e2e",
+            worker_image=env.get("HELIOS_E2E_WORKER_IMAGE") or "helios-worker:e2e",
+            model_dir=env.get("HELIOS_E2E_MODEL_DIR") or "/models",
+            prometheus_url=env.get("HELIOS_E2E_PROMETHEUS_URL") or None,
+            prometheus_image=env.get("HELIOS_E2E_PROMETHEUS_IMAGE") or "quay.io/prometheus/prometheus:v2.53.0",
+            timeout_s=float(env.get("HELIOS_E2E_TIMEOUT") or 600),
+            keep=env.get("HELIOS_E2E_KEEP") == "1",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# kubectl and helm, as subprocesses with a time limit
+
+
+@dataclass
+class Kubectl:
+    namespace: str
+    timeout_s: float = 60.0
+
+    def run(
+        self, *args: str, stdin: str | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["kubectl", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout or self.timeout_s,
+            check=False,
+        )
+
+    def ok(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
+        done = self.run(*args, stdin=stdin, timeout=timeout)
+        assert done.returncode == 0, f"kubectl {' '.join(args)} failed: {done.stderr.strip()}"
+        return done.stdout
+
+    def json(self, *args: str) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.ok(*args, "-o", "json"))
+        return out
+
+    def ns(self, *args: str) -> str:
+        """kubectl in the test namespace."""
+        return self.ok("-n", self.namespace, *args)
+
+    def ns_json(self, *args: str) -> dict[str, Any]:
+        return self.json("-n", self.namespace, *args)
+
+    def apply(self, objects: list[dict[str, Any]], *flags: str) -> str:
+        return self.ok("apply", *flags, "-f", "-", stdin=yaml.safe_dump_all(objects))
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """`registry:5000/helios-operator:e2e` -> (`registry:5000/helios-operator`, `e2e`); no tag: `latest`."""
+    name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:
+        return image, "latest"
+    return name, tag
+
+
+def operator_logs(kube: Kubectl) -> str:
+    done = kube.run("-n", kube.namespace, "logs", f"deployment/{OPERATOR}", "--tail=80")
+    return f"operator logs:\n{done.stdout or done.stderr}"
+
+
+def prometheus_objects(namespace: str, image: str) -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/name": PROMETHEUS}
+    scrape = {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "scrape_configs": [
+            {
+                "job_name": "helios-workers",
+                "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [namespace]}}],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"],
+                        "regex": ".+",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http", "action": "keep"},
+                    {"source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"], "target_label": "worker"},
+                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ],
+    }
+    meta = {"name": PROMETHEUS, "namespace": namespace, "labels": labels}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": PROMETHEUS},
+            "subjects": [{"kind": "ServiceAccount", "name": PROMETHEUS, "namespace": namespace}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {"prometheus.yml": yaml.safe_dump(scrape)},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": PROMETHEUS,
+                        "containers": [
+                            {
+                                "name": "prometheus",
+                                "image": image,
+                                "args": [
+                                    "--config.file=/etc/prometheus/prometheus.yml",
+                                    "--storage.tsdb.path=/prometheus",
+                                    "--storage.tsdb.retention.time=2h",
+                                ],
+                                "ports": [{"name": "http", "containerPort": 9090}],
+                                "readinessProbe": {"httpGet": {"path": "/-/ready", "port": "http"}},
+                                "volumeMounts": [
+                                    {"name": "config", "mountPath": "/etc/prometheus"},
+                                    {"name": "data", "mountPath": "/prometheus"},
+                                ],
+                            }
+                        ],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": PROMETHEUS}},
+                            {"name": "data", "emptyDir": {}},
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": 9090, "targetPort": "http"}]},
+        },
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Traffic through the stable Service
+
+
+@dataclass
+class Traffic:
+    """Sends completions, one after another, through the API server's proxy to a Service, in a
+    background thread, and counts outcomes. The service proxy picks a ready endpoint of the Service
+    for every request (unlike `kubectl port-forward`, which pins one pod and dies with it)."""
+
+    url: str
+    outcomes: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    @property
+    def ok(self) -> int:
+        return self.outcomes.get("200", 0)
+
+    def _run(self) -> None:
+        body = {"prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0}
+        with httpx.Client(timeout=60.0) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(self.url, json=body)
+                    key = str(r.status_code)
+                    if r.status_code != 200:
+                        self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as err:
+                    key = type(err).__name__
+                    self.failures.append(f"{key}: {err}")
+                self.outcomes[key] = self.outcomes.get(key, 0) + 1

@@ -1,0 +1,242 @@
+"""HELIOS end to end on a real cluster: the CRD and its CEL rules on a real API server, the Helm chart
+and both images, the trained tiny example profiled on live traffic and served, the scale subresource,
+a forced switch under traffic with no failed request, and garbage collection by ownerReferences.
+
+Runs only with HELIOS_E2E=1 and a reachable cluster (conftest.py says why it skips); how to set one
+up with kind or k3d is in docs/cluster-testing.md. The tests run in file order and build on each
+other's state (one namespace, one release, one HeliosDeployment), as a person would.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for
+
+from helios_operator import names
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
+
+sys.path.insert(0, str(REPO / "tests" / "crd"))  # the catalogue, as tests/crd imports it
+bad_objects = importlib.import_module("bad_objects")
+
+EXAMPLE = REPO / "examples" / "helios-trained-tiny.yaml"
+HD = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+REJECTED = ("is invalid", "Invalid value", "Required value", "Unsupported value", "unknown field", "Duplicate value")
+
+
+def heliosdeployment(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}  # fmt: skip
+
+
+def first_difference(good: Any, bad: Any, path: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The path of the first field where `bad` differs from `good` (descending into what is new)."""
+    if isinstance(bad, dict):
+        base = good if isinstance(good, dict) else {}
+        for key in [*bad, *(k for k in base if k not in bad)]:  # the mistake's own order first
+            if key not in bad:
+                return (*path, key)
+            if base.get(key) != bad[key]:
+                return first_difference(base.get(key), bad[key], (*path, key))
+    if isinstance(bad, list) and isinstance(good, list) and len(good) == len(bad):
+        for i, (g, b) in enumerate(zip(good, bad, strict=True)):
+            if g != b:
+                return first_difference(g, b, (*path, str(i)))
+    return path
+
+
+def example(kube: Kubectl, claim: str) -> dict[str, Any]:
+    """The shipped example, in the test namespace, its models on the model claim, asking for a
+    quarter CPU per worker so that profiling, scaling and a switch fit on a laptop's kind node."""
+    hd: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    hd["metadata"]["namespace"] = kube.namespace
+    for c in hd["spec"]["candidates"]:
+        c["model"] = f"pvc://{claim}/{Path(c['model']).name}"  # /models/helios-tiny -> pvc://claim/helios-tiny
+    hd["spec"]["worker"]["resources"]["requests"]["cpu"] = "250m"
+    return hd
+
+
+def status(kube: Kubectl) -> dict[str, Any]:
+    st: dict[str, Any] = kube.ns_json("get", "hd", HD).get("status") or {}
+    return st
+
+
+def children(kube: Kubectl) -> list[dict[str, Any]]:
+    """The Deployments and Services labelled as the HeliosDeployment's."""
+    selector = f"{names.LABEL_DEPLOYMENT}={HD}"
+    return list(kube.ns_json("get", "deployments,services", "-l", selector)["items"])
+
+
+def worker_deployments(kube: Kubectl) -> dict[str, dict[str, Any]]:
+    items = kube.ns_json("get", "deployments", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"]
+    return {d["metadata"]["name"]: d for d in items}
+
+
+def serving(kube: Kubectl, not_candidate: str | None = None) -> dict[str, Any] | None:
+    """status, once Serving from an active worker the stable Service selects and nothing else runs."""
+    st = status(kube)
+    active = st.get("active")
+    if st.get("phase") != "Serving" or not active or active["candidate"] == not_candidate:
+        return None
+    selector = kube.ns_json("get", "service", HD)["spec"]["selector"]
+    if selector.get(names.LABEL_POOL) != active["worker"] or set(worker_deployments(kube)) != {active["worker"]}:
+        return None
+    return st
+
+
+@pytest.fixture(scope="module")
+def tiny(kube: Kubectl, e2e: E2EConfig, operator_release: str, model_claim: str, api_proxy: str) -> dict[str, Any]:
+    """The example applied with kubectl; its status once profiling on live traffic chose and it serves."""
+    kube.apply([example(kube, model_claim)])
+    url = f"{api_proxy}/api/v1/namespaces/{kube.namespace}/services/{HD}:{names.WORKER_PORT_NAME}/proxy/v1/completions"
+    # Profiling needs live traffic through the Service (requestsPerCandidate per candidate). Requests
+    # fail until the Service exists and selects a Ready pool: not counted here.
+    with Traffic(url) as warmup:
+        try:
+            st = wait_for("the example to serve", lambda: serving(kube), timeout=e2e.timeout_s, interval=3)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nrequests: {warmup.outcomes}\n{operator_logs(kube)}") from err
+    assert warmup.ok >= 2 * 3, f"profiling finished on fewer requests than 3 per candidate: {warmup.outcomes}"
+    return {"status": st, "url": url}
+
+
+def test_the_crd_is_established_with_its_short_name_scale_subresource_and_printer_columns(crd: dict[str, Any]) -> None:
+    conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert conditions.get("Established") == "True" and conditions.get("NamesAccepted") == "True", conditions
+    assert crd["status"]["acceptedNames"]["shortNames"] == [names.SHORT_NAME]
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == names.VERSION)
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == ["Phase", "Candidate", "Depth"]
+
+
+def test_the_api_server_accepts_the_good_spec_and_every_example(kube: Kubectl, crd: dict[str, Any]) -> None:
+    kube.apply([heliosdeployment(kube.namespace, "good", bad_objects.GOOD_SPEC)], "--dry-run=server")
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        obj = yaml.safe_load(path.read_text())
+        obj["metadata"]["namespace"] = kube.namespace
+        kube.apply([obj], "--dry-run=server")
+
+
+@pytest.mark.parametrize("bad", bad_objects.CATALOGUE, ids=[b.mistake for b in bad_objects.CATALOGUE])
+def test_the_api_server_rejects_the_bad_object(kube: Kubectl, crd: dict[str, Any], bad: Any) -> None:
+    """CEL mistakes must come back with the rule's own message (that proves the rules on a real API
+    server); schema mistakes come back in the API server's words, which differ from jsonschema's,
+    so they must name the field at fault."""
+    obj = heliosdeployment(kube.namespace, "bad", bad.spec)
+    done = kube.run("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(obj))
+    message = done.stderr
+    assert done.returncode != 0, f"the API server accepted {bad.mistake!r}: {done.stdout}"
+    assert any(marker in message for marker in REJECTED), message
+    if bad.layer == "cel":
+        assert bad.expect in message, f"expected the CEL message {bad.expect!r}, got: {message}"
+    else:
+        field = [p for p in first_difference(bad_objects.GOOD_SPEC, bad.spec) if not p.isdigit()]
+        leaf = field[-1] if field else "spec"
+        assert leaf in message, f"expected the field {leaf!r} named in: {message}"
+
+
+def test_the_chart_installs_an_operator_that_runs_from_the_image(
+    kube: Kubectl, e2e: E2EConfig, operator_release: str
+) -> None:
+    deployment = kube.ns_json("get", "deployment", operator_release)
+    assert deployment["status"].get("readyReplicas") == 1
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == e2e.operator_image
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env.get("HELIOS_WORKER_IMAGE") == e2e.worker_image
+    assert env.get("HELIOS_NAMESPACES") == kube.namespace
+
+
+def test_the_tiny_example_profiles_on_live_traffic_and_serves(kube: Kubectl, tiny: dict[str, Any]) -> None:
+    st = tiny["status"]
+    assert st["decisions"][0]["trigger"] == "profiling" and st["decisions"][0]["applied"] is True
+    assert {p["candidate"] for p in st["profiles"]} == {"tiny", "small"}
+    conditions = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conditions.get("MetricsAvailable") == "True", st["conditions"]
+    worker = worker_deployments(kube)[st["active"]["worker"]]
+    assert worker["metadata"]["labels"][names.LABEL_ROLE] == names.ROLE_SERVE
+    args = worker["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--layers" in args and args[args.index("--layers") + 1] == str(st["active"]["depth"])
+
+    # The CRD's printer columns, as `kubectl get hd` prints them (kmock cannot show these).
+    header, row = kube.ns("get", "hd", HD).strip().splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "PHASE", "CANDIDATE", "DEPTH", "REPLICAS", "READY"]
+    assert row.split()[:6] == [HD, "Serving", st["active"]["candidate"], str(st["active"]["depth"]), "1", "1"]
+
+
+def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
+    kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
+) -> None:
+    worker = status(kube)["active"]["worker"]
+    kube.ns("scale", f"hd/{HD}", "--replicas=2")
+    kube.ns("rollout", "status", f"deployment/{worker}", f"--timeout={int(e2e.timeout_s)}s", timeout=e2e.timeout_s)
+    assert kube.ns_json("get", "deployment", worker)["spec"]["replicas"] == 2
+    st = wait_for("status.readyReplicas 2", lambda: (s := status(kube)).get("readyReplicas") == 2 and s, timeout=60)
+    assert st["active"]["worker"] == worker, "scaling must not switch workers"
+    scale = json.loads(kube.ok("get", "--raw", f"/apis/{names.API_VERSION}/namespaces/{kube.namespace}/"
+                                              f"{names.PLURAL}/{HD}/scale"))  # fmt: skip
+    assert scale["status"]["replicas"] == 2 and scale["status"]["selector"], scale
+    pods = kube.ns_json("get", "pods", "-l", scale["status"]["selector"])["items"]
+    assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
+
+
+def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
+    """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
+    other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
+    before = status(kube)["active"]
+    hd = kube.ns_json("get", "hd", HD)
+    others = [c for c in hd["spec"]["candidates"] if c["name"] != before["candidate"]]
+    with Traffic(tiny["url"]) as traffic:
+        wait_for("traffic to flow", lambda: traffic.ok >= 5, timeout=120, interval=1)
+        patch = {"spec": {"candidates": copy.deepcopy(others)}}
+        kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps(patch))
+        st = wait_for(
+            f"a switch away from {before['candidate']}",
+            lambda: serving(kube, not_candidate=before["candidate"]),
+            timeout=e2e.timeout_s,
+            interval=3,
+        )
+        wait_for("traffic on the new worker", lambda: traffic.ok >= 5, timeout=60, interval=1)
+        served = traffic.ok
+        wait_for("more traffic after the switch", lambda: traffic.ok >= served + 5, timeout=120, interval=1)
+    assert st["active"]["candidate"] == others[0]["name"]
+    assert before["worker"] not in worker_deployments(kube)
+    assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.outcomes}: {traffic.failures[:5]}"
+    reasons = {e["reason"] for e in kube.ns_json("get", "events", "--field-selector", f"involvedObject.name={HD}")
+               ["items"]}  # fmt: skip
+    assert {"CandidateRemoved", "SwitchStarted", "Switched"} <= reasons, reasons
+
+
+def test_deleting_the_heliosdeployment_garbage_collects_its_children(
+    kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any], operator_release: str
+) -> None:
+    """With the operator stopped and its finalizer removed, only the API server's garbage collector
+    can remove the children: this proves their ownerReferences, which kmock cannot."""
+    uid = kube.ns_json("get", "hd", HD)["metadata"]["uid"]
+    owned = children(kube)
+    assert {o["kind"] for o in owned} == {"Deployment", "Service"}
+    for obj in owned:
+        refs = obj["metadata"].get("ownerReferences") or []
+        assert [(r["kind"], r["uid"], r.get("controller")) for r in refs] == [(names.KIND, uid, True)], obj["metadata"]
+
+    kube.ns("scale", f"deployment/{operator_release}", "--replicas=0")
+    wait_for(
+        "the operator stopped",
+        lambda: not kube.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"],
+        timeout=120,
+    )
+    try:
+        kube.ns("delete", "hd", HD, "--wait=false")
+        kube.ns("patch", "hd", HD, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+        wait_for("the HeliosDeployment gone", lambda: kube.ns_json("get", "hd")["items"] == [], timeout=60)
+        wait_for("its children garbage-collected", lambda: children(kube) == [], timeout=e2e.timeout_s)
+    finally:
+        kube.ns("scale", f"deployment/{operator_release}", "--replicas=1")
