@@ -109,6 +109,7 @@ class Bench:
         self.layers: dict[str, int] = {}
         self.sizes_full: dict[str, Sizes] = {}
         self._full_outputs: dict[str, list[Completion]] = {}
+        self._predicted: dict[tuple[str, Prompt, tuple[int, ...]], list[int]] = {}
 
     def log(self, message: str) -> None:
         elapsed = time.perf_counter() - self.started
@@ -403,18 +404,27 @@ class Bench:
     def predictions(self, candidate: str, completions: list[Completion]) -> list[list[int]]:
         """The candidate's full model, teacher-forced on each prompt + served output: its greedy token at
         every served position (the plain transformers forward, independent of the engine)."""
-        model = self.load(candidate, None)
-        out: list[list[int]] = []
-        with torch.inference_mode():
-            for prompt, completion in zip(self.eval_prompts, completions, strict=True):
-                if not completion.token_ids:
-                    out.append([])
-                    continue
-                ids = torch.tensor([list(prompt) + completion.token_ids[:-1]], device=self.device)
-                logits = model.hf_model(input_ids=ids).logits[0, len(prompt) - 1 :]
-                out.append([int(t) for t in logits.argmax(dim=-1).tolist()])
-        del model
-        return out
+        keys = [(candidate, prompt, tuple(c.token_ids)) for prompt, c in zip(self.eval_prompts, completions, strict=True)]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._predicted and k[2]]
+        if todo:
+            model = self.load(candidate, None)
+            with torch.inference_mode():
+                for begin in range(0, len(todo), EVAL_CHUNK):
+                    chunk = todo[begin : begin + EVAL_CHUNK]
+                    rows = [list(prompt) + list(tokens[:-1]) for _, prompt, tokens in chunk]
+                    width = max(len(r) for r in rows)
+                    ids = torch.zeros((len(rows), width), dtype=torch.long)
+                    mask = torch.zeros((len(rows), width), dtype=torch.long)
+                    for i, r in enumerate(rows):  # right-padded: positions stay those of the unpadded row
+                        ids[i, : len(r)] = torch.tensor(r)
+                        mask[i, : len(r)] = 1
+                    logits = model.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                    best = logits.argmax(dim=-1).tolist()
+                    for i, (_, prompt, tokens) in enumerate(chunk):
+                        start = len(prompt) - 1
+                        self._predicted[chunk[i]] = [int(t) for t in best[i][start : start + len(tokens)]]
+            del model
+        return [self._predicted.get(k, []) for k in keys]
 
     def _accuracy(self, completions: list[Completion], served_by: list[str]) -> dict[str, Any]:
         """Agreement with the full model of the candidate that served each prompt (what the floor bounds),

@@ -15,7 +15,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,6 +46,7 @@ class World:
     breach: dict[str, float] = field(default_factory=dict)  # worker -> breach window ratio
     available: bool = True
     calls: int = 0
+    deployment_controller: DeploymentController | None = None
 
     async def __call__(self, namespace: str, name: str, spec: HeliosSpec) -> TelemetrySnapshot:
         self.calls += 1
@@ -84,6 +85,7 @@ class DeploymentController:
 
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
+        self.never_ready: Callable[[str], bool] = lambda name: False  # a bad image, no GPU free
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -92,6 +94,8 @@ class DeploymentController:
             try:
                 for d in self.cluster.items(FakeCluster.deployment_path(NS)):
                     want = d["spec"].get("replicas", 1)
+                    if self.never_ready(d["metadata"]["name"]):
+                        continue
                     status = d.get("status") or {}
                     if status.get("readyReplicas") != want:
                         path = FakeCluster.deployment_path(NS, d["metadata"]["name"]) + "/status"
@@ -110,7 +114,10 @@ class DeploymentController:
 
 
 @pytest.fixture
-def operator_env(fake_cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeCluster, World]]:  # noqa: F811
+def operator_env(
+    fake_cluster: FakeCluster,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[FakeCluster, World]]:
     monkeypatch.setenv("HELIOS_RESYNC_INTERVAL_S", "0.3")
     monkeypatch.setenv("HELIOS_WORKER_IMAGE", "example.test/helios-worker:test")
     monkeypatch.setenv("HELIOS_METRICS_PORT", str(free_port()))
@@ -122,6 +129,7 @@ def operator_env(fake_cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> 
     )
     monkeypatch.setattr(handlers, "telemetry_provider", world)
     controller = DeploymentController(fake_cluster)
+    world.deployment_controller = controller
     controller.thread.start()
     settings = kopf.OperatorSettings()
     settings.watching.reconnect_backoff = 0.1

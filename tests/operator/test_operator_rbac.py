@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import helm_python as helm
 import pytest
@@ -94,7 +93,10 @@ def test_the_charts_rules_allow_every_call_the_operator_makes_and_hold_nothing_u
     assert {"kopf", names.MANAGER} <= agents, agents
     made = {(c.group, c.resource, c.verb) for c in calls}
     rules = _rendered_rules()
-    print(f"\n{len(calls)} API calls, {len(made)} distinct (group, resource, verb); {len(rules)} rules", file=sys.__stdout__)
+    print(
+        f"\n{len(calls)} API calls, {len(made)} distinct (group, resource, verb); {len(rules)} rules",
+        file=sys.__stdout__,
+    )
     assert made - rules == set(), f"calls the chart does not allow: {sorted(made - rules)}"
     unused = rules - made - set(NOT_EXERCISED)
     assert unused == set(), f"rules no call uses: {sorted(unused)}"

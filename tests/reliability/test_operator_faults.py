@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.operator.metrics_support import ContractExporter
+from tests.operator.profiles import profile
+from tests.support import prometheus as prometheus_support
+from tests.support.prometheus import PrometheusServer
 
 from helios_operator import reconcile
 from helios_operator.model import (
@@ -37,10 +41,6 @@ from helios_operator.model import (
     WorkerTelemetry,
 )
 from helios_operator.telemetry import PrometheusTelemetry
-from tests.operator.metrics_support import ContractExporter
-from tests.operator.profiles import profile
-from tests.support import prometheus as prometheus_support
-from tests.support.prometheus import PrometheusServer
 
 NS = "default"
 HD = "chat"

@@ -67,6 +67,7 @@ async def test_sigkill_mid_stream_ends_the_client_stream_with_an_error_not_a_han
         outcome = await asyncio.wait_for(queued, BOUND)
         queued_after = time.monotonic() - killed
 
+    print(f"\nafter SIGKILL: stream cut in {cut_after:.2f}s, queued request failed in {queued_after:.2f}s")
     payloads = sse_payloads(lines)
     assert "[DONE]" not in payloads  # a cut stream never looks finished
     assert all(p["choices"][0]["finish_reason"] is None for p in payloads)
@@ -104,6 +105,7 @@ async def test_sigkill_behind_the_router_gives_clean_json_errors(worker: WorkerP
         queued_after = time.monotonic() - killed
         after = await client.post(f"{router.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
 
+    print(f"\nbehind the router: stream ended in {stream_after:.2f}s, queued request answered in {queued_after:.2f}s")
     payloads = sse_payloads(lines)
     assert "[DONE]" not in payloads
     last = payloads[-1]

@@ -24,7 +24,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         return probs
     sorted_probs, order = probs.sort(descending=True)
     mass_before = sorted_probs.cumsum(0) - sorted_probs
-    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    keep = mass_before < top_p
+    keep[0] = True  # a top_p that rounds to 0 must still leave the most likely token
+    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
     return torch.zeros_like(probs).scatter(0, order, sorted_probs)
 
 
@@ -32,7 +34,11 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """The token for one row of logits [vocab]."""
     if params.temperature <= 0.0 or generator is None:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float()
+    # Shift before scaling: a tiny temperature would otherwise overflow the logits to inf and softmax to NaN.
+    probs = torch.softmax((scaled - scaled.max()) / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        return int(logits.argmax())
     probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 

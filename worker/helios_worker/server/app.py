@@ -171,17 +171,10 @@ def _require_token(state: WorkerState) -> Any:
     return Depends(check)
 
 
-# Below these, sampling equals greedy decoding, and the float32 maths would break (logits / T overflows,
-# top_p rounds to 0 and keeps no token): such requests are served greedily instead of failing.
-MIN_TEMPERATURE = 1e-5
-MIN_TOP_P = 1e-6
-
-
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-    greedy = body.temperature < MIN_TEMPERATURE or body.top_p < MIN_TOP_P
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=0.0 if greedy else body.temperature,
+        temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_sequences(),
