@@ -106,11 +106,14 @@ def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -
     return ModelSource(path=model)
 
 
+WORKER_COMMAND = ("helios", "worker")
+
+
 def worker_args(
     hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path: str, settings: WorkerSettings = DEFAULT_SETTINGS
 ) -> list[str]:
-    """The worker's command line; depth 0 (all layers) leaves --layers out."""
-    args = ["helios", "worker", "--model", model_path]
+    """The arguments of `helios worker` (the container's command); depth 0 (all layers) leaves --layers out."""
+    args = ["--model", model_path]
     if action.depth > 0:
         args += ["--layers", str(action.depth)]
     args += ["--threshold", str(spec.exit.confidence_threshold), "--breach-window", str(spec.exit.breach_window)]
@@ -151,6 +154,8 @@ def worker_deployment(
     container = {
         "name": "worker",
         "image": image,
+        # The command is set, not left to the image's ENTRYPOINT, so a custom worker image works too.
+        "command": list(WORKER_COMMAND),
         "args": worker_args(hd_name, spec, action, source.path, settings),
         "ports": [{"name": http, "containerPort": names.WORKER_PORT, "protocol": "TCP"}],
         "env": worker_env(spec.worker),

@@ -42,8 +42,9 @@ def test_worker_deployment_is_valid_for_kubernetes(action: EnsureWorker) -> None
 def test_serve_worker_runs_the_chosen_depth_from_the_mounted_claim() -> None:
     d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
     c = container(d)
+    assert c["command"] == ["helios", "worker"]
     assert c["args"] == [
-        "helios", "worker", "--model", "/models/models/llama-1b", "--layers", "5", "--threshold", "0.8",
+        "--model", "/models/models/llama-1b", "--layers", "5", "--threshold", "0.8",
         "--breach-window", "100", "--max-batch", "64", "--deployment", "chat", "--candidate", "small",
         "--host", "0.0.0.0", "--port", "8000", "--drain-timeout", "30",
     ]  # fmt: skip
@@ -201,3 +202,19 @@ def test_a_spec_without_an_image_leaves_the_default_to_the_operator() -> None:
     assert spec.worker.image is None
     with pytest.raises(ValueError, match="worker_image"):
         resources.worker_deployment("chat", "ml", spec, SERVE)
+
+
+def test_worker_args_are_accepted_by_the_worker_command_line() -> None:
+    """The operator and the worker agree on flags: the real `helios worker` parser reads what we render."""
+    import argparse
+
+    from helios_worker.serve import add_worker_arguments, options_from_args
+
+    for action in (SERVE, PROFILE):
+        c = container(resources.worker_deployment("chat", "ml", SPEC, action))
+        parser = argparse.ArgumentParser()
+        add_worker_arguments(parser)
+        options = options_from_args(parser.parse_args(c["args"]), env={})
+        assert options.candidate_name == action.candidate
+        assert options.profile == (action.role == "profile")
+        assert options.host == "0.0.0.0"
