@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 from urllib.parse import urlparse
 
 ENV_PREFIX = "HELIOS_"
@@ -21,18 +22,32 @@ class SettingsError(ValueError):
     """A flag or HELIOS_* variable that cannot work."""
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A setting's default and its help text, kept together (the help is what `helios operator --help` shows)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Settings:
-    prometheus_url: str = "http://prometheus-operated.monitoring:9090"  # HeliosDeployment spec.prometheus.url wins
-    query_timeout_s: float = 5.0  # per Prometheus HTTP request
-    stale_after_s: float = 120.0  # newest sample older than this: MetricsAvailable=False, reason MetricsStale
-    worker_image: str = "ghcr.io/helios-dev/helios-worker:0.1.0"  # used when spec.worker.image is absent
-    namespaces: tuple[str, ...] = ()  # () : every namespace (kopf -A)
-    log_level: str = "INFO"
-    resync_interval_s: float = 15.0  # the reconcile timer
-    metrics_port: int = 8081  # the operator's own /metrics (helios_operator_*); 0: not served
-    metrics_host: str = "0.0.0.0"  # the address /metrics listens on (the pod IP, for Prometheus)
-    service_monitors: bool = False  # a ServiceMonitor per HeliosDeployment, where its CRD is installed
+    prometheus_url: str = _setting(
+        "http://prometheus-operated.monitoring:9090",
+        "Prometheus HTTP API the operator reads worker telemetry from; a HeliosDeployment's spec.prometheus.url wins",
+    )
+    query_timeout_s: float = _setting(5.0, "seconds one Prometheus request may take before telemetry counts as failed")
+    stale_after_s: float = _setting(
+        120.0, "seconds after which the newest sample is stale (MetricsAvailable=False, reason Stale)"
+    )
+    worker_image: str = _setting(
+        "ghcr.io/helios-dev/helios-worker:0.1.0", "worker image for HeliosDeployments that set no spec.worker.image"
+    )
+    namespaces: tuple[str, ...] = _setting((), "comma-separated namespaces to watch; empty: every namespace")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    resync_interval_s: float = _setting(15.0, "seconds between reconciles of a HeliosDeployment when nothing changes")
+    metrics_port: int = _setting(8081, "port of the operator's own /metrics (helios_operator_*); 0 turns it off")
+    metrics_host: str = _setting("0.0.0.0", "address the operator's /metrics listens on")
+    service_monitors: bool = _setting(
+        False, "create a ServiceMonitor per HeliosDeployment where the Prometheus operator's CRD is installed"
+    )
 
     def validate(self) -> Settings:
         problems: list[str] = []
@@ -70,7 +85,9 @@ def _flag(field_name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting (`--prometheus-url`, ...); absent flags fall back to HELIOS_* or defaults."""
     for f in fields(Settings):
-        parser.add_argument(_flag(f.name), dest=f.name, default=None, help=f"(env {env_name(f.name)})")
+        parser.add_argument(
+            _flag(f.name), dest=f.name, default=None, help=f"{f.metadata['help']} (env {env_name(f.name)})"
+        )
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -97,23 +97,33 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", required=True, type=Path, help="HF causal LM directory")
     add("--layers", type=_positive_int, help="decoder layers to load (default: all)")
-    add("--threshold", type=_threshold, default=d.threshold, help="exit confidence threshold, (0, 1]")
+    add(
+        "--threshold",
+        type=_threshold,
+        default=d.threshold,
+        help="exit when confidence reaches this, (0, 1]; 1 exits only on certainty",
+    )
     add("--profile", action="store_true", help="run at full depth and emit the profiling metrics")
-    add("--host", default=d.host)
+    add("--host", default=d.host, help="address to listen on (0.0.0.0 in a pod)")
     add("--port", type=_port, default=d.port, help="0 picks a free port (see --port-file)")
     add("--port-file", type=Path, help="write the bound port here once listening")
     add("--deployment", help=f"metric label (default: ${ENV_DEPLOYMENT} or {DEFAULT_DEPLOYMENT!r})")
     add("--candidate", help=f"metric label (default: ${ENV_CANDIDATE} or the model directory's name)")
     add("--breach-window", type=_positive_int, default=d.breach_window, help="tokens in the breach window")
-    add("--confidence-measure", choices=get_args(ConfidenceMeasure), default=d.confidence_measure)
+    add(
+        "--confidence-measure",
+        choices=get_args(ConfidenceMeasure),
+        default=d.confidence_measure,
+        help="max_prob: top softmax probability; margin: top-1 minus top-2 probability",
+    )
     add("--max-batch", type=_positive_int, default=d.max_batch, help="rows in the running batch")
     add("--max-queue", type=_positive_int, default=d.max_queue, help="waiting requests before 429")
     add("--max-context", type=_positive_int, help="tokens per request (default: the model's)")
     add("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    add("--dtype", choices=DTYPES, default=d.dtype)
+    add("--dtype", choices=DTYPES, default=d.dtype, help="weight and KV dtype (bfloat16 on a GPU)")
     add("--api-token-file", type=Path, help=f"require this bearer token on /v1 (else ${ENV_API_TOKEN}, else open)")
     add("--drain-timeout", type=_non_negative, default=d.drain_timeout, help="seconds in-flight requests get")
-    add("--log-level", choices=LOG_LEVELS, default=d.log_level)
+    add("--log-level", choices=LOG_LEVELS, default=d.log_level, help="debug also logs request paths, never bodies")
 
 
 def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerOptions:
