@@ -88,8 +88,8 @@ def measure_copy_bandwidth(device: str, nbytes: int, repeats: int = 5) -> float:
     times: list[float] = []
     for _ in range(repeats):
         if device == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             dst.copy_(src)
             end.record()

@@ -35,8 +35,9 @@ class BenchOptions:
     latency_requests: int = 48  # requests played at a fixed rate
     rate: float | None = None  # requests/s for the latency run; None: 0.8 x the static baseline's capacity
     memory_budget_bytes: int | None = None  # None: the static baseline's weights + KV for budget_batch rows
-    budget_batch: int = 8  # rows of full context the static baseline fits in the default budget
+    budget_batch: int = 64  # rows of full context the static baseline fits in the default budget (quick: 8)
     max_run_batch: int = 1024  # the largest batch actually run for throughput (memory may allow more)
+    cpu_threads: int = 1  # torch intra-op threads on CPU: on a loaded machine more threads spin and distort timings
     train_steps: int | None = None  # None: each preset's own step count
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     bandwidth_probe_bytes: int = 1 << 30
@@ -53,6 +54,7 @@ class BenchOptions:
             latency_requests=min(self.latency_requests, 6),
             max_new_tokens=min(self.max_new_tokens, 16),
             max_run_batch=min(self.max_run_batch, 16),
+            budget_batch=min(self.budget_batch, 8),
             bandwidth_probe_bytes=min(self.bandwidth_probe_bytes, 64 << 20),
             decode_tokens=min(self.decode_tokens, 8),
             decode_repeats=1,
@@ -78,7 +80,7 @@ def _objectives(text: str) -> tuple[Objective, ...]:
     bad = [n for n in names if n not in OBJECTIVES]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"objectives must be among {', '.join(OBJECTIVES)}, got {text!r}")
-    return tuple(n for n in OBJECTIVES if n in names)  # type: ignore[misc]
+    return tuple(n for n in OBJECTIVES if n in names)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +122,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest batch actually run for throughput")
     parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
                         help="tokens per row when timing decode for the bandwidth-bound fraction")
+    parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
+                        help="torch threads for CPU runs (default 1: timings stay comparable on a shared machine)")
     parser.add_argument("--train-steps", type=int, default=d.train_steps, help="override each preset's training steps")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
                         help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -148,6 +152,7 @@ def bench_options_from_args(ns: argparse.Namespace) -> BenchOptions:
         budget_batch=int(ns.budget_batch),
         max_run_batch=int(ns.max_run_batch),
         decode_tokens=int(ns.decode_tokens),
+        cpu_threads=int(ns.cpu_threads),
         train_steps=ns.train_steps,
         dtype=ns.dtype,
     )
@@ -164,7 +169,9 @@ def validate(options: BenchOptions) -> None:
         raise ValueError("--threshold must be in (0, 1)")
     if not 1 <= options.breach_limit < options.breach_window:
         raise ValueError("--breach-limit must be at least 1 and below --breach-window")
-    for name in ("max_new_tokens", "decode_tokens", "decode_repeats", "prompts", "profile_requests", "latency_requests", "budget_batch", "max_run_batch"):
+    positive = ("cpu_threads", "max_new_tokens", "decode_tokens", "decode_repeats", "prompts", "profile_requests",
+                "latency_requests", "budget_batch", "max_run_batch")
+    for name in positive:
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if options.rate is not None and options.rate <= 0:

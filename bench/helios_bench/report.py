@@ -47,7 +47,9 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
     """The table, from the JSON's sections. Lower-is-better metrics are inverted so that every ratio
     reads 'how many times better HELIOS is'; accuracy rows are values or differences, not ratios."""
     rows: list[Ratio] = []
-    g = lambda s, c, k: _get(data, s, c, k)  # noqa: E731
+
+    def g(section: str, config: str, key: str) -> float | None:
+        return _get(data, section, config, key)
 
     def versus(key: str, metric: str, section: str, field: str, target: float | None, lower_better: bool) -> None:
         h, s, p = g(section, "helios", field), g(section, "static", field), g(section, "generate", field)
@@ -209,7 +211,7 @@ def write_plot(rows: list[Ratio], exit_layers: dict[str, int], depth: int, first
     plt.close(fig)
 
 
-def results_entry(data: dict[str, Any], rows: list[Ratio], table: str) -> str:
+def results_entry(data: dict[str, Any], rows: list[Ratio]) -> str:
     """A dated Markdown entry: device, command, versions, the choice, and the table.
 
     On CPU the models are tiny and only the ratios mean anything, so the entry carries ratios only.
@@ -217,6 +219,14 @@ def results_entry(data: dict[str, Any], rows: list[Ratio], table: str) -> str:
     meta = data["meta"]
     dev = meta["device"]
     choice = data["helios"]["final"]
+    events = data["helios"]["adaptations"]
+    applied = sum(1 for e in events if e["to"] is not None)
+    chosen = "; ".join(
+        f"{obj}: {c['candidate']}@{c['depth']}" + (f" -> {c['final']['candidate']}@{c['final']['depth']}"
+                                                   if (c["final"]["candidate"], c["final"]["depth"])
+                                                   != (c["candidate"], c["depth"]) else "")
+        for obj, c in data["helios"]["choices"].items()
+    )
     lines = [
         f"## {meta['date']} - {dev['name']} ({dev['kind']})",
         "",
@@ -224,8 +234,8 @@ def results_entry(data: dict[str, Any], rows: list[Ratio], table: str) -> str:
         f"- torch {dev['torch_version']}, transformers {dev['transformers_version']}, python {dev['python_version']}"
         + (f", CUDA {dev['cuda_version']}" if dev.get("cuda_version") else ""),
         f"- presets: {', '.join(meta['presets'])}; dtype {meta['dtype']}; quick: {meta['quick']}",
-        f"- HELIOS chose {choice['candidate']} at {choice['depth']}/{choice['model_layers']} layers"
-        f" ({len(data['helios']['adaptations'])} adaptation(s) while serving)",
+        f"- HELIOS served {choice['candidate']} at {choice['depth']}/{choice['model_layers']} layers"
+        f" (policy per objective: {chosen}); the breach rule fired {len(events)} time(s), {applied} adaptation(s)",
         f"- measured copy bandwidth: {meta['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s;"
         f" memory budget {meta['memory_budget_bytes'] / 1e6:.2f} MB",
         "",

@@ -104,7 +104,7 @@ class Bench:
         self.started = time.perf_counter()
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # one bar per model load drowns the bench's own lines
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # one bar per model load drowns the bench's own lines
         self.paths: dict[str, Path] = {}
         self.layers: dict[str, int] = {}
         self.sizes_full: dict[str, Sizes] = {}
@@ -154,8 +154,11 @@ class Bench:
     def run(self) -> dict[str, Any]:
         o = self.o
         torch.manual_seed(o.seed)
+        if self.device == "cpu":
+            torch.set_num_threads(o.cpu_threads)
         info = device_info(self.device)
-        self.log(f"device: {info.name}; presets {', '.join(self.presets)}; dtype {self.dtype}")
+        threads = f"; {torch.get_num_threads()} torch thread(s)" if self.device == "cpu" else ""
+        self.log(f"device: {info.name}; presets {', '.join(self.presets)}; dtype {self.dtype}{threads}")
         for preset in self.presets:
             self.paths[preset] = train_preset(preset, o.seed, device=self.device, steps=o.train_steps, log=self.log)
         self._prompts()
@@ -168,7 +171,9 @@ class Bench:
         self.largest = max(self.presets, key=lambda p: self.sizes_full[p].resident_weight_bytes)
         bandwidth = measure_copy_bandwidth(self.device, o.bandwidth_probe_bytes)
         self.log(f"copy bandwidth {bandwidth / 1e9:.2f} GB/s (read + write)")
-        self.budget = o.memory_budget_bytes or default_budget(self.sizes_full[self.largest], self.context, o.budget_batch)
+        self.budget = o.memory_budget_bytes or default_budget(
+            self.sizes_full[self.largest], self.context, o.budget_batch
+        )
 
         profiles = tuple(self._profile(p) for p in self.presets)
         cost = policy.CostModel(full_batch=o.budget_batch, context_tokens=self.context)
@@ -343,7 +348,9 @@ class Bench:
 
     def _measure_engine(self, model: Any, sizes: Sizes, *, exits: bool, bandwidth: float) -> dict[str, Any]:
         batches = self._batches(sizes, scratch_slot=True)
-        system = self.engine(model, exits=exits, max_batch=batches["run_batch"], kv_budget=self.budget - sizes.resident_weight_bytes)
+        system = self.engine(
+            model, exits=exits, max_batch=batches["run_batch"], kv_budget=self.budget - sizes.resident_weight_bytes
+        )
         try:
             tp = throughput(system, self.eval_prompts, batch=system.slots, waves=self._waves(),
                             max_new_tokens=self.o.max_new_tokens, device=self.device, energy=self.energy)
@@ -404,7 +411,8 @@ class Bench:
     def predictions(self, candidate: str, completions: list[Completion]) -> list[list[int]]:
         """The candidate's full model, teacher-forced on each prompt + served output: its greedy token at
         every served position (the plain transformers forward, independent of the engine)."""
-        keys = [(candidate, prompt, tuple(c.token_ids)) for prompt, c in zip(self.eval_prompts, completions, strict=True)]
+        pairs = zip(self.eval_prompts, completions, strict=True)
+        keys = [(candidate, prompt, tuple(c.token_ids)) for prompt, c in pairs]
         todo = [k for k in dict.fromkeys(keys) if k not in self._predicted and k[2]]
         if todo:
             model = self.load(candidate, None)
@@ -487,7 +495,8 @@ class Bench:
         energy: dict[str, Any] = {"available": self.energy.available, "reason": self.energy.reason or None}
         for name, m in (("static", measured["static"]), ("generate", measured["generate"]),
                         ("helios", by_placement[helios_for("energy")])):
-            energy[name] = {"joules": m["throughput"]["joules"], "tokens_per_joule": m["throughput"]["tokens_per_joule"]}
+            tp = m["throughput"]
+            energy[name] = {"joules": tp["joules"], "tokens_per_joule": tp["tokens_per_joule"]}
         sections["energy"] = energy
         sections["accuracy"] = accuracy
         bw_helios = by_placement[helios_for("bandwidth")]["bandwidth"]
@@ -571,7 +580,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     report.write_plot(rows, data["helios"]["exit_layers"], final["depth"], data["helios"]["first_confident"],
                       title, plot_path)
     if opts.results_md is not None:
-        report.append_results(opts.results_md, report.results_entry(data, rows, table))
+        report.append_results(opts.results_md, report.results_entry(data, rows))
     bench.log(f"wrote {json_path} and {plot_path}" + (f"; appended to {opts.results_md}" if opts.results_md else ""))
     return BenchResult(data, rows, table, json_path, plot_path, opts.results_md)
 

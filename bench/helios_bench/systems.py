@@ -8,6 +8,7 @@ with exits off); `GenerateSystem` is plain transformers `model.generate` on the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ class Timing:
 def _timing(arrived: float, token_times: Sequence[float]) -> Timing:
     if not token_times:
         return Timing(float("nan"), (), 0)
-    gaps = tuple(b - a for a, b in zip(token_times, token_times[1:], strict=False))
+    gaps = tuple(b - a for a, b in itertools.pairwise(token_times))
     return Timing(token_times[0] - arrived, gaps, len(token_times))
 
 
@@ -112,9 +113,8 @@ class EngineSystem:
         for events, finished in self.engine.generate_batch(requests):
             if finished.finish_reason == "error":
                 raise RuntimeError(f"the engine failed a request: {finished.error}")
-            out.append(
-                Completion([e.token_id for e in events], "".join(e.text for e in events), [e.exit_layer for e in events])
-            )
+            text = "".join(e.text for e in events)
+            out.append(Completion([e.token_id for e in events], text, [e.exit_layer for e in events]))
         return out
 
     def serve(self, arrivals: Sequence[float], prompts: Sequence[Prompt], max_new_tokens: int) -> list[Timing]:
@@ -147,7 +147,7 @@ class EngineSystem:
 def _step_clock() -> Any:
     from transformers.generation.streamers import BaseStreamer
 
-    class StepClock(BaseStreamer):  # type: ignore[misc]
+    class StepClock(BaseStreamer):
         """Times each decoding step of `generate` (its first put() is the prompt)."""
 
         def __init__(self) -> None:
@@ -174,7 +174,13 @@ class GenerateSystem:
     """
 
     def __init__(
-        self, hf_model: Any, tokenizer: Any, device: str, eos_ids: Sequence[int], max_batch: int, ignore_eos: bool = False
+        self,
+        hf_model: Any,
+        tokenizer: Any,
+        device: str,
+        eos_ids: Sequence[int],
+        max_batch: int,
+        ignore_eos: bool = False,
     ) -> None:
         self.model, self.tokenizer, self.device = hf_model, tokenizer, device
         self.ignore_eos = ignore_eos

@@ -15,9 +15,9 @@ Runner = Callable[[argparse.Namespace], int]
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from helios_worker.models.training import train_command
+    from helios_worker.models.cache import train_command
 
-    path = train_command(ns.preset, Path(ns.out), seed=ns.seed)
+    path = train_command(ns.preset, Path(ns.out), seed=ns.seed, log=print)
     print(f"trained early-exit model ({ns.preset}, seed {ns.seed}) at {path}")
     return 0
 

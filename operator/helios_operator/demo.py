@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 from collections import deque
@@ -337,6 +339,10 @@ class DemoRun:
         self.display.heartbeat(time.time())
 
     async def run(self) -> None:
+        main = asyncio.current_task()
+        if main is not None:  # SIGTERM ends the demo like Ctrl-C does: through the finally below
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
         if self.prometheus is not None:
             await self.prometheus.start()
             self.display.say(f"· telemetry through a local Prometheus at {self.prometheus.url}")
@@ -390,15 +396,20 @@ class DemoRun:
         clients = [
             asyncio.create_task(self._client(client, phase, prompts, i, stop)) for i in range(self.options.concurrency)
         ]
-        while True:
-            await asyncio.sleep(0.25)
-            self._check(loop_task)
-            elapsed = time.time() - started
-            acted = len(self.record.decisions) > decisions_before and self.state.loop_phase in SETTLED_PHASES
-            if elapsed >= phase.max_seconds or (elapsed >= phase.min_seconds and acted):
-                break
-        stop.set()
-        await asyncio.gather(*clients)
+        try:
+            while True:
+                await asyncio.sleep(0.25)
+                self._check(loop_task)
+                elapsed = time.time() - started
+                acted = len(self.record.decisions) > decisions_before and self.state.loop_phase in SETTLED_PHASES
+                if elapsed >= phase.max_seconds or (elapsed >= phase.min_seconds and acted):
+                    break
+            stop.set()
+            await asyncio.gather(*clients)
+        finally:  # interrupted or failed: the clients stop before the router and workers go away
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
         self.record.phases.append(PhaseRecord(phase.name, phase.kind, started, time.time()))
 
     async def _client(
@@ -498,7 +509,11 @@ def run_demo(options: DemoOptions) -> DemoReport:
     with Display(state, live, log) as display:
         run = DemoRun(options, models, display, record)
         record.spec = {**_spec_summary(run.spec), "telemetry": "prometheus" if options.prometheus else "scrape"}
-        asyncio.run(run.run())
+        try:
+            asyncio.run(run.run())
+        except asyncio.CancelledError:  # SIGTERM: the workers were drained on the way out
+            log("interrupted: every worker was stopped; no report written")
+            raise SystemExit(128 + signal.SIGTERM) from None
     record.finished = time.time()
     report = build_report(record)
     json_path, png_path = write_report(report, options.out)

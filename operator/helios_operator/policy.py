@@ -5,6 +5,7 @@ No I/O. The cost model and the rules are explained, with the paper's numbers, in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from helios_operator.model import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
@@ -225,6 +226,8 @@ def adapt(
 
     Never the same or a shallower depth of the current model, nor a less accurate one; another model
     only where its profiled accuracy beats the current one's: repeated breaches only climb, and end.
+    A deeper depth closes at least half the gap to full depth: the profile that chose the current depth
+    no longer describes the traffic, and every step is a new worker, so a storm ends in log2(N) steps.
     """
     current_profile = next((p for p in profiles if p.candidate == candidate), None)
     if current_profile is not None and depth >= current_profile.model_layers:
@@ -252,12 +255,14 @@ def adapt(
     def total(c: Choice) -> float:
         return (cur_score - c.score) / max(cur_score, _EPS) + load_cost(c)
 
+    full = current_profile.model_layers if current_profile is not None else depth + 1
+    min_deeper = depth + max(1, math.ceil((full - depth) / 2))
     candidates = [
         c
         for c in every
         if _feasible(c, floor)
         and (
-            (c.candidate == candidate and c.depth > depth and c.accuracy >= cur_acc - _EPS)
+            (c.candidate == candidate and c.depth >= min_deeper and c.accuracy >= cur_acc - _EPS)
             or (c.candidate != candidate and c.accuracy > cur_acc + _EPS)
         )
     ]

@@ -22,7 +22,7 @@ from helios_bench.runner import BenchResult, run_bench
 from helios_operator import policy
 from helios_operator.model import CandidateProfile
 
-FLOOR = 0.9
+FLOOR = 0.99  # the tiny test models are barely trained: a high floor keeps the choice near full depth
 TRAIN_STEPS = 40  # enough for a model that runs; the bench's structure, not the models' quality, is tested
 COMMAND = "helios bench --quick --device cpu --presets tiny,small"
 HEADER = "# Bench results\n\nentries below\n"
@@ -125,7 +125,7 @@ def test_budget_fits_the_static_baseline_and_helios_fits_at_least_as_many_rows(
 ) -> None:
     data = _json(bench)
     max_batch = data["sections"]["max_batch"]
-    assert max_batch["static"]["max_batch"] == BenchOptions().budget_batch
+    assert max_batch["static"]["max_batch"] == BenchOptions().for_quick().budget_batch
     assert max_batch["helios"]["max_batch"] >= max_batch["static"]["max_batch"]
     assert data["meta"]["largest"] == "small"
 

@@ -53,6 +53,9 @@ class HeliosEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._rv = 0
         self.calls: list[ApiCall] = []  # every API request, as RBAC sees it
+        # kmock keeps every request and matches each new one by scanning that history, so a request
+        # costs O(requests so far): tests that send thousands set a window of recent requests to keep.
+        self.request_window: int | None = None
 
     def _record(self, request: rendering.Request) -> None:
         if request.resource is None or request.action is None or not request.resource.plural:
@@ -70,6 +73,8 @@ class HeliosEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> Any:
         self._record(request)
+        if self.request_window is not None and len(self._requests) > self.request_window:
+            del self._requests[: -self.request_window]  # the newest (this one, any in flight) stay
         if request.resource is not None:
             if request.action == enums.action.CREATE and isinstance(request.data, dict):
                 meta = request.data.setdefault("metadata", {})  # in place: kmock matches by identity

@@ -206,13 +206,13 @@ def test_full_life_cycle_profiling_serving_breach_reassessment() -> None:
     assert p.step().requeue_after == reconcile.IDLE_REQUEUE
 
     # Traffic gets harder; a breach storm (60 of 100 tokens) -> more layers of small.
-    p.profiles["small"] = profile("small", layers=8, depth_agreement=(0.5, 0.6, 0.7, 0.8, 0.94, 0.96, 0.98, 1.0))
+    p.profiles["small"] = profile("small", layers=8, depth_agreement=(0.5, 0.6, 0.7, 0.8, 0.94, 0.945, 0.98, 1.0))
     p.serve(20)
     p.breaches["chat-small-l5"] = 0.6
     p.settle()
     assert p.status.decisions[-1].trigger == "breach"
-    assert p.status.active is not None and (p.status.active.candidate, p.status.active.depth) == ("small", 6)
-    assert set(p.workers) == {"chat-small-l6"}
+    assert p.status.active is not None and (p.status.active.candidate, p.status.active.depth) == ("small", 7)
+    assert set(p.workers) == {"chat-small-l7"}
 
     # 150 requests later: reassessment beside the active worker, which keeps its place.
     p.serve(149)
@@ -221,14 +221,14 @@ def test_full_life_cycle_profiling_serving_breach_reassessment() -> None:
     p.serve(1)
     p.settle()
     assert p.status.phase == "Reassessing"
-    assert {w.pool for w in p.workers.values()} == {"chat-small-l6"}  # they share live traffic
+    assert {w.pool for w in p.workers.values()} == {"chat-small-l7"}  # they share live traffic
     assert {w.role for w in p.workers.values()} == {"serve", "profile"}
     p.serve(15)
     p.settle()
     assert p.status.phase == "Serving"
     assert p.status.decisions[-1].trigger == "reassessment"
-    assert set(p.workers) == {"chat-small-l6"}  # reassessment workers deleted
-    assert p.status.requests_at_assessment == p.served["chat-small-l6"]
+    assert set(p.workers) == {"chat-small-l7"}  # reassessment workers deleted
+    assert p.status.requests_at_assessment == p.served["chat-small-l7"]
 
 
 def test_reassessment_switches_when_another_candidate_is_clearly_better() -> None:
@@ -326,7 +326,7 @@ def test_a_target_not_ready_in_time_is_rolled_back_and_the_profiling_pool_keeps_
 
 
 def test_a_breach_target_not_ready_is_rolled_back_and_the_active_worker_stays() -> None:
-    p = Platform(broken={"chat-small-l6"})
+    p = Platform(broken={"chat-small-l7"})
     profiled(p)
     p.settle()
     p.serve(20)
@@ -343,8 +343,8 @@ def test_a_worker_that_cannot_start_is_degraded_worker_failed_and_rolled_back_se
     """A schema-valid spec that cannot work (here: a depth the model lacks) ends in a condition with
     the worker's own error line; the serving worker is never touched, the switch rolls back."""
     error = "helios worker: error: --layers 6 exceeds the model's 4 layers"
-    p = Platform(broken={"chat-small-l6"})
-    p.failures["chat-small-l6"] = f"pod chat-small-l6-abc: container worker exited with code 2: {error}"
+    p = Platform(broken={"chat-small-l7"})
+    p.failures["chat-small-l7"] = f"pod chat-small-l7-abc: container worker exited with code 2: {error}"
     profiled(p)
     p.settle()
     p.serve(20)
@@ -356,7 +356,7 @@ def test_a_worker_that_cannot_start_is_degraded_worker_failed_and_rolled_back_se
     assert p.status.phase == "Switching"
     c = p.status.condition("Degraded")
     assert c is not None and (c.status, c.reason) == ("True", "WorkerFailed")
-    assert "worker chat-small-l6 (small at 6 layers)" in c.message and error in c.message
+    assert "worker chat-small-l7 (small at 7 layers)" in c.message and error in c.message
     assert [e.type for e in p.events("WorkerFailed")] == ["Warning"]  # once, not at every reconcile
     assert p.service_pool == "chat-small-l5" and p.workers["chat-small-l5"] == serving
     p.now += 121

@@ -37,7 +37,9 @@ def default_device(preset: Preset) -> torch.device:
 
 
 def fingerprint(preset: Preset, device: torch.device) -> str:
-    facts = {"preset": dataclasses.asdict(preset), "version": TRAINING_VERSION, "device": device.type}
+    """A hash of what shapes the weights (not the preset's description)."""
+    settings = {k: v for k, v in dataclasses.asdict(preset).items() if k != "description"}
+    facts = {"preset": settings, "version": TRAINING_VERSION, "device": device.type}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]
 
 
