@@ -342,7 +342,11 @@ def _ensure(
     if c is None:
         return
     seen = d.inp.observed.worker(name)
-    if seen is not None and seen.replicas == replicas and seen.pool == pool:
+    # An earlier phase of this step may have collected it: the status was one phase behind the
+    # objects (an operator killed, or its status patch lost, after it created them). The later
+    # phase's word wins (_normalise keeps the last), so say it even when nothing is to change.
+    dropped = any(isinstance(a, DeleteWorker) and a.name == name for a in d.actions)
+    if seen is not None and seen.replicas == replicas and seen.pool == pool and not dropped:
         return
     d.actions.append(EnsureWorker(name, candidate, c.model, depth, role, pool, replicas))
 
