@@ -101,6 +101,8 @@ class Bench:
         self.dtype = options.dtype or ("bfloat16" if self.device == "cuda" else "float32")
         self.presets = options.presets or (GPU_PRESETS if self.device == "cuda" else CPU_PRESETS)
         self.energy = EnergyMeter(self.device)
+        # Probability gap below which two tokens are a tie for the agreement check: rounding, not judgement.
+        self.tie_tolerance = 1e-4 if self.dtype == "float32" else 1e-2
         self.started = time.perf_counter()
         from transformers.utils import logging as hf_logging
 
@@ -109,7 +111,7 @@ class Bench:
         self.layers: dict[str, int] = {}
         self.sizes_full: dict[str, Sizes] = {}
         self._full_outputs: dict[str, list[Completion]] = {}
-        self._predicted: dict[tuple[str, Prompt, tuple[int, ...]], list[int]] = {}
+        self._predicted: dict[tuple[str, Prompt, tuple[int, ...]], list[float]] = {}
 
     def log(self, message: str) -> None:
         elapsed = time.perf_counter() - self.started
@@ -408,9 +410,10 @@ class Bench:
 
     # ---- the report ---------------------------------------------------------------------------
 
-    def predictions(self, candidate: str, completions: list[Completion]) -> list[list[int]]:
-        """The candidate's full model, teacher-forced on each prompt + served output: its greedy token at
-        every served position (the plain transformers forward, independent of the engine)."""
+    def predictions(self, candidate: str, completions: list[Completion]) -> list[list[float]]:
+        """The candidate's full model, teacher-forced on each prompt + served output (the plain
+        transformers forward, independent of the engine): at every served position, its probability of
+        its own greedy token minus its probability of the served token (0: it agrees)."""
         pairs = zip(self.eval_prompts, completions, strict=True)
         keys = [(candidate, prompt, tuple(c.token_ids)) for prompt, c in pairs]
         todo = [k for k in dict.fromkeys(keys) if k not in self._predicted and k[2]]
@@ -427,10 +430,13 @@ class Bench:
                         ids[i, : len(r)] = torch.tensor(r)
                         mask[i, : len(r)] = 1
                     logits = model.hf_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                    best = logits.argmax(dim=-1).tolist()
+                    probs = torch.softmax(logits.float(), dim=-1)
                     for i, (_, prompt, tokens) in enumerate(chunk):
                         start = len(prompt) - 1
-                        self._predicted[chunk[i]] = [int(t) for t in best[i][start : start + len(tokens)]]
+                        p = probs[i, start : start + len(tokens)]
+                        served = torch.tensor(tokens, device=p.device)[:, None]
+                        gap = p.max(dim=-1).values - p.gather(1, served)[:, 0]
+                        self._predicted[chunk[i]] = [float(x) for x in gap.tolist()]
             del model
         return [self._predicted.get(k, []) for k in keys]
 
@@ -438,7 +444,7 @@ class Bench:
         """Agreement with the full model of the candidate that served each prompt (what the floor bounds),
         with the largest candidate, free-running and per sequence; and exact match on the tasks."""
         tokens = [c.token_ids for c in completions]
-        own_pred: list[list[int]] = [[] for _ in completions]
+        own_pred: list[list[float]] = [[] for _ in completions]
         for candidate in dict.fromkeys(served_by):
             pred = self.predictions(candidate, completions)
             for i, c in enumerate(served_by):
@@ -448,8 +454,8 @@ class Bench:
         own_free = [self.full_outputs(c)[i].token_ids for i, c in enumerate(served_by)]
         em = exact_match_rates([e.prompt for e in self.eval_examples], [c.text for c in completions])
         return {
-            "agreement": forced_agreement(tokens, own_pred),
-            "agreement_with_largest": forced_agreement(tokens, largest_pred),
+            "agreement": forced_agreement(own_pred, self.tie_tolerance),
+            "agreement_with_largest": forced_agreement(largest_pred, self.tie_tolerance),
             "free_running_agreement": token_agreement(tokens, own_free),
             "sequence_agreement": sequence_agreement(tokens, own_free),
             "exact_match": em["all"],
@@ -473,7 +479,8 @@ class Bench:
         def helios_for(section: str) -> Placement:
             return final_of.get(objective_of_metric[section], final_of[first])
 
-        accuracy: dict[str, Any] = {"floor": o.accuracy_floor, "prompts": len(self.eval_prompts)}
+        accuracy: dict[str, Any] = {"floor": o.accuracy_floor, "prompts": len(self.eval_prompts),
+                                    "tie_tolerance": self.tie_tolerance}
         helios_accuracy: dict[str, dict[str, Any]] = {}
         for start, s in served.items():
             helios_accuracy[f"{start.candidate}@{start.depth}"] = self._accuracy(s.completions, s.served_by)

@@ -36,16 +36,17 @@ def token_agreement(outputs: Sequence[Sequence[int]], references: Sequence[Seque
     return agreed / total if total else 1.0
 
 
-def forced_agreement(outputs: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]]) -> float:
-    """Share of served tokens equal to what the reference model predicts on the same served context.
+def forced_agreement(gaps: Sequence[Sequence[float]], tie_tolerance: float) -> float:
+    """Share of served tokens the reference model would also have emitted on the same served context.
 
-    This is the quantity profiling estimates and the accuracy floor bounds: per token, would the full
-    model have emitted the same token here. Differences do not compound as in free-running agreement.
+    `gaps[i][t]` is the reference's probability of its own greedy token minus that of the served token
+    at position t of request i (0 when they are the same token). A gap within `tie_tolerance` is a tie
+    that rounding decides (a batched incremental step and a whole-sequence forward round differently),
+    not a disagreement. This is the quantity profiling estimates and the accuracy floor bounds;
+    differences do not compound as they do in free-running agreement.
     """
-    agreed = total = 0
-    for out, pred in zip(outputs, predictions, strict=True):
-        total += len(out)
-        agreed += sum(1 for a, b in zip(out, pred, strict=True) if a == b)
+    total = sum(len(g) for g in gaps)
+    agreed = sum(1 for g in gaps for x in g if x <= tie_tolerance)
     return agreed / total if total else 1.0
 
 

@@ -135,9 +135,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             raise BadRequest("the request body is too large")
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
-    """The OpenAI-style error shape the workers use, so clients parse one format."""
-    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+def error_body(message: str, kind: str, code: str) -> bytes:
+    """OpenAI's error shape, as the workers answer it, so clients parse one format."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
 @dataclass
@@ -258,7 +258,7 @@ class Router:
                 try:
                     req = await read_request(reader, writer)
                 except (BadRequest, ValueError) as err:
-                    await _write_simple(writer, 400, error_body(400, str(err), "invalid_request_error"), False)
+                    await _write_simple(writer, 400, error_body(str(err), "invalid_request_error", "invalid_request"), False)
                     return
                 if req is None:
                     return
@@ -286,7 +286,7 @@ class Router:
             await _write_simple(writer, 200 if ready else 503, body, keep)
             return keep
         if not req.path.startswith("/v1/"):
-            await _write_simple(writer, 404, error_body(404, f"no route for {req.path}", "not_found"), keep)
+            await _write_simple(writer, 404, error_body(f"no route for {req.path}", "invalid_request_error", "not_found"), keep)
             return keep
         return await self._forward(req, writer, keep)
 
@@ -315,7 +315,7 @@ class Router:
                 last_error = f"worker {upstream} did not take the request"
             if time.monotonic() >= deadline:
                 self.stats.failed += 1
-                await _write_simple(writer, 503, error_body(503, last_error, "service_unavailable"), keep)
+                await _write_simple(writer, 503, error_body(last_error, "service_unavailable", "no_ready_worker"), keep)
                 return keep
             await asyncio.sleep(0.05)
             if len(tried) >= len(self.members()):
@@ -387,7 +387,7 @@ class Router:
         except httpx.HTTPError as err:
             self.stats.failed += 1
             message = f"worker {upstream} failed mid-stream: {type(err).__name__}"
-            payload = b"data: " + error_body(502, message, "bad_gateway") + b"\n\n"
+            payload = b"data: " + error_body(message, "server_error", "bad_gateway") + b"\n\n"
             writer.write(b"%x\r\n%s\r\n" % (len(payload), payload))
         else:
             self._count(upstream)
@@ -397,7 +397,7 @@ class Router:
 
     async def _fail(self, writer: asyncio.StreamWriter, keep: bool, message: str) -> bool:
         self.stats.failed += 1
-        await _write_simple(writer, 502, error_body(502, message, "bad_gateway"), keep)
+        await _write_simple(writer, 502, error_body(message, "server_error", "bad_gateway"), keep)
         return keep
 
 

@@ -105,7 +105,8 @@ def test_every_measured_ratio_is_finite_and_positive(bench: tuple[BenchResult, s
 def test_helios_keeps_the_accuracy_floor_it_was_given(bench: tuple[BenchResult, str, Path]) -> None:
     data = _json(bench)
     assert data["sections"]["accuracy"]["floor"] == FLOOR
-    assert data["sections"]["accuracy"]["helios"]["agreement"] >= FLOOR
+    helios = data["sections"]["accuracy"]["helios"]
+    assert helios["agreement"] >= FLOOR, (helios, data["helios"]["final"], data["helios"]["adaptations"])
 
 
 def test_helios_placement_is_the_operator_policys_choice(bench: tuple[BenchResult, str, Path]) -> None:
@@ -133,8 +134,9 @@ def test_budget_fits_the_static_baseline_and_helios_fits_at_least_as_many_rows(
 def test_plain_generate_emits_the_static_engines_tokens(bench: tuple[BenchResult, str, Path]) -> None:
     """Same weights, greedy, no exits: the engine must reproduce transformers' own decoding."""
     acc = _json(bench)["sections"]["accuracy"]
-    assert acc["static"]["agreement"] == 1.0
-    assert acc["generate"]["agreement"] >= 0.95
+    assert acc["static"]["agreement"] >= 0.98, acc["static"]
+    assert acc["generate"]["agreement"] >= 0.98, acc["generate"]
+    assert acc["generate"]["sequence_agreement"] >= 0.75, acc["generate"]
 
 
 def test_the_table_of_ratios_is_printed(bench: tuple[BenchResult, str, Path]) -> None:

@@ -137,7 +137,7 @@ async def test_no_ready_worker_gives_a_clean_503_json_error(router: Router) -> N
         resp = await complete(client, router.url)
         ready = await client.get(router.url + "/readyz")
     assert resp.status_code == 503
-    assert resp.json()["error"]["code"] == 503
+    assert resp.json()["error"]["code"] == "no_ready_worker"
     assert ready.status_code == 503
     assert router.stats.failed == 1
 
@@ -172,7 +172,7 @@ async def test_a_worker_that_dies_before_answering_gives_a_502_json_error() -> N
             async with httpx.AsyncClient(timeout=10) as client:
                 resp = await client.post(r.url + "/v1/die", json={})
             assert resp.status_code in (502, 503)
-            assert resp.json()["error"]["code"] == resp.status_code
+            assert resp.json()["error"]["code"] == {502: "bad_gateway", 503: "no_ready_worker"}[resp.status_code]
             assert r.stats.failed == 1
     finally:
         victim.stop()
@@ -190,7 +190,7 @@ async def test_a_worker_that_dies_mid_stream_ends_the_stream_with_an_error_event
             data = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
             assert resp.status_code == 200  # the head was already sent
             assert len(data) == 3
-            assert json.loads(data[-1])["error"]["code"] == 502
+            assert json.loads(data[-1])["error"]["code"] == "bad_gateway"
             assert r.stats.failed == 1
     finally:
         victim.stop()

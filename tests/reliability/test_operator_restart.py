@@ -325,7 +325,7 @@ class Life:
         creates = collections.Counter((w.path, w.name) for w in self.journal if w.method == "POST" and w.name
                                       and not w.path.endswith("/events"))
         twice = {k: n for k, n in creates.items() if n > 1}
-        assert not twice, f"{self.ns}: created more than once: {twice}"
+        assert not twice, f"{self.ns}: created more than once: {twice}" + "\n".join(map(str, self.journal))
         failed = [str(w) for w in self.journal if w.code >= 400 and not (w.method == "DELETE" and w.code == 404)]
         assert not failed, f"{self.ns}: writes the API refused: {failed}"
 
@@ -350,7 +350,7 @@ async def test_killed_after_every_write_of_a_switch_the_restarted_operator_conve
 
     reference = Life(fake_cluster, world, "no-crash")
     final, reconciles = await reference.run_until_settled(reference.process(), first)
-    print(f"reference {time.monotonic() - started:.2f}s", file=sys.__stdout__)
+    print(f"reference {time.monotonic() - started:.2f}s", *enumerate(reference.journal, 1), sep="\n", file=sys.__stdout__)
     reference.assert_clean_end(final)
     writes = list(reference.journal)
     decisions, events = reference.decisions(), reference.events()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.reliability.conftest import sse_payloads
+from tests.reliability.conftest import assert_openai_error, openai_error, sse_payloads
 from tests.support.servers import wait_until
 from tests.support.workers import WorkerProcess, worker_process
 
@@ -109,14 +109,13 @@ async def test_sigkill_behind_the_router_gives_clean_json_errors(worker: WorkerP
     payloads = sse_payloads(lines)
     assert "[DONE]" not in payloads
     last = payloads[-1]
-    assert set(last) == {"error"} and last["error"]["message"] and last["error"]["type"] == "bad_gateway"
+    assert set(last) == {"error"} and openai_error(502, json.dumps(last))["code"] == "bad_gateway"
     assert stream_after < BOUND
     # The queued request was taken by the dead worker; with no other worker it is answered 503 once
     # the router's retry window (2 s) is over.
     for response in (late, after):
         assert response.status_code in (502, 503), response.text
-        assert response.headers["content-type"] == "application/json"
-        error = json.loads(response.content)["error"]
-        assert error["message"] and error["type"] in ("bad_gateway", "service_unavailable")
+        error = assert_openai_error(response, 502, 503)
+        assert error["code"] in ("bad_gateway", "no_ready_worker")
     assert queued_after < BOUND
     assert router.stats.failed >= 3
