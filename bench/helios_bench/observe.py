@@ -61,6 +61,13 @@ class ProfileCollector(_Silent):
         if profiled:
             self.requests += 1
 
+    def reset(self) -> None:
+        """Forget what a warm-up run recorded."""
+        self.tokens = self.requests = 0
+        self.agreeing = [0] * self.model_layers
+        self.depth_agreeing = [0] * self.model_layers
+        self.first_confident = [0] * (self.model_layers + 1)
+
     def profile(
         self,
         candidate: str,

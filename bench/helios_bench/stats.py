@@ -50,6 +50,17 @@ def forced_agreement(gaps: Sequence[Sequence[float]], tie_tolerance: float) -> f
     return agreed / total if total else 1.0
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of a proportion; (0, 1) for no trials."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return min(low, p), max(high, p)  # rounding must not put the estimate itself outside
+
+
 def sequence_agreement(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> float:
     """Share of requests whose whole output equals the reference's."""
     pairs = list(zip(outputs, references, strict=True))

@@ -43,6 +43,7 @@ class ApiCall:
     verb: str  # as RBAC names it
 
 
+_WRITES = frozenset({enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE})
 _VERBS = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "UPDATE": "patch", "DELETE": "delete"}
 
 
@@ -56,6 +57,9 @@ class HeliosEmulator(kmock.KubernetesEmulator):
         # kmock keeps every request and matches each new one by scanning that history, so a request
         # costs O(requests so far): tests that send thousands set a window of recent requests to keep.
         self.request_window: int | None = None
+        # Called in the emulator's own thread right after every write it applied (create, patch,
+        # delete), with the request's namespace: it sees the objects as they are at that instant.
+        self.after_write: Callable[[HeliosEmulator, str | None], None] | None = None
 
     def _record(self, request: rendering.Request) -> None:
         if request.resource is None or request.action is None or not request.resource.plural:
@@ -86,7 +90,19 @@ class HeliosEmulator(kmock.KubernetesEmulator):
                     meta["namespace"] = request.namespace
             elif request.action == enums.action.UPDATE and request.name is not None:
                 self._prepare_patch(request)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if self.after_write is not None and request.action in _WRITES:
+            self.after_write(self, request.namespace)
+        return response
+
+    def live(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        """Copies of the objects of one resource (by plural) in a namespace, as stored now; from the
+        emulator's own thread (an `after_write` hook) it is a consistent view."""
+        return [
+            copy.deepcopy(obj.raw)
+            for (resource, ns, _), obj in list(self.objects.items())
+            if resource.plural == plural and ns == namespace and not obj.deleted
+        ]
 
     def _current(self, request: rendering.Request) -> dict[str, Any] | None:
         key = (request.resource, request.namespace, request.name)

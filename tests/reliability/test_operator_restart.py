@@ -107,7 +107,58 @@ def _hd(namespace: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the test observes in the emulator
+# What the test observes: the emulator's objects right after every write it applied
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, str]:
+    return dict(obj["metadata"].get("labels") or {})
+
+
+def _stable(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [s for s in services if _labels(s).get(names.LABEL_SERVICE) == names.SERVICE_STABLE]
+
+
+@dataclass
+class Observer:
+    """An `after_write` hook (kmock_support): runs in the emulator's thread after EVERY write it applied,
+    from the operator, kopf or the test. Once the stable Service exists it must select a pool with a Ready
+    worker, and stay; every Deployment name must keep one uid for its life (a second uid: created twice)."""
+
+    checks: collections.Counter[str] = field(default_factory=collections.Counter)  # namespace -> writes seen
+    violations: list[str] = field(default_factory=list)
+    uids: dict[tuple[str, str], set[str]] = field(default_factory=lambda: collections.defaultdict(set))
+    _served: set[str] = field(default_factory=set)  # namespaces whose stable Service has existed
+
+    def __call__(self, emulator: HeliosEmulator, namespace: str | None) -> None:
+        if namespace is None:
+            return
+        try:
+            self._check(emulator, namespace)
+        except Exception as err:  # never a 500 to the operator: say it in the test
+            self.violations.append(f"{namespace}: the check failed: {err!r}")
+
+    def _check(self, emulator: HeliosEmulator, ns: str) -> None:
+        self.checks[ns] += 1
+        deployments, stable = emulator.live("deployments", ns), _stable(emulator.live("services", ns))
+        for d in deployments:
+            self.uids[ns, d["metadata"]["name"]].add(d["metadata"]["uid"])
+        if len(stable) > 1:
+            self.violations.append(f"{ns}: {len(stable)} stable Services")
+        if not stable:
+            if ns in self._served:
+                self.violations.append(f"{ns}: the stable Service vanished (write {self.checks[ns]})")
+            return
+        self._served.add(ns)
+        pool = (stable[0]["spec"].get("selector") or {}).get(names.LABEL_POOL)
+        if not any(
+            _labels(d).get(names.LABEL_POOL) == pool and int((d.get("status") or {}).get("readyReplicas") or 0) >= 1
+            for d in deployments
+        ):
+            ready = {d["metadata"]["name"]: (d.get("status") or {}).get("readyReplicas") for d in deployments}
+            self.violations.append(f"{ns}: write {self.checks[ns]}: the Service selects {pool!r}; Deployments {ready}")
+
+    def created_twice(self, ns: str) -> dict[str, int]:
+        return {name: len(u) for (n, name), u in self.uids.items() if n == ns and len(u) > 1}
 
 
 def _deployments(cluster: FakeCluster, ns: str) -> dict[str, dict[str, Any]]:
@@ -118,43 +169,35 @@ def _services(cluster: FakeCluster, ns: str) -> dict[str, dict[str, Any]]:
     return {s["metadata"]["name"]: s for s in cluster.items(FakeCluster.service_path(ns))}
 
 
-def _stable_service(services: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    stable = [s for s in services.values() if (s["metadata"].get("labels") or {}).get(names.LABEL_SERVICE)
-              == names.SERVICE_STABLE]
-    assert len(stable) <= 1, f"more than one stable Service: {sorted(services)}"
-    return stable[0] if stable else None
+def _status(cluster: FakeCluster, ns: str) -> dict[str, Any]:
+    return (cluster.get(cluster.hd_path(ns, HD)) or {}).get("status") or {}
 
 
-def _hd_body(cluster: FakeCluster, ns: str) -> dict[str, Any]:
-    body = cluster.get(cluster.hd_path(ns, HD))
-    assert body is not None
-    return body
+def _settled(cluster: FakeCluster, ns: str, first: str) -> str | None:
+    """The serving worker once the life is over: serving past the breach, only that worker, the Service on it."""
+    st = _status(cluster, ns)
+    active = (st.get("active") or {}).get("worker")
+    if st.get("phase") != "Serving" or not active or active == first or st.get("target"):
+        return None
+    stable = _stable(list(_services(cluster, ns).values()))
+    if set(_deployments(cluster, ns)) != {active} or len(stable) != 1:
+        return None
+    return str(active) if stable[0]["spec"]["selector"].get(names.LABEL_POOL) == active else None
 
 
-@dataclass
-class ServiceWatch:
-    """After every write: once the stable Service exists, it selects a pool with a Ready worker."""
-
-    cluster: FakeCluster
-    ns: str
-    checks: int = 0
-    service_seen: bool = False
-
-    def __call__(self, after: str) -> None:
-        self.checks += 1
-        svc = _stable_service(_services(self.cluster, self.ns))
-        if svc is None:
-            assert not self.service_seen, f"the stable Service vanished after {after}"
-            return
-        self.service_seen = True
-        pool = (svc["spec"].get("selector") or {}).get(names.LABEL_POOL)
-        ready = [
-            name
-            for name, d in _deployments(self.cluster, self.ns).items()
-            if (d["metadata"].get("labels") or {}).get(names.LABEL_POOL) == pool
-            and int((d.get("status") or {}).get("readyReplicas") or 0) >= 1
-        ]
-        assert ready, f"after {after}: the stable Service selects pool {pool!r}, which has no Ready worker"
+def _assert_clean_end(cluster: FakeCluster, observer: Observer, ns: str, uid: str, worker: str) -> None:
+    """Only the serving worker and the two Services, each owned by the HeliosDeployment; nothing created twice;
+    the stable Service on a Ready worker after every write."""
+    deployments, services = _deployments(cluster, ns), _services(cluster, ns)
+    assert set(deployments) == {worker}, f"{ns}: orphan Deployments {sorted(set(deployments) - {worker})}"
+    kinds = sorted(_labels(s).get(names.LABEL_SERVICE, "?") for s in services.values())
+    assert kinds == sorted([names.SERVICE_STABLE, names.SERVICE_METRICS]), f"{ns}: Services {sorted(services)}"
+    for obj in [*deployments.values(), *services.values()]:
+        refs = [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in obj["metadata"].get("ownerReferences")
+                or []]
+        assert refs == [(names.KIND, HD, uid, True)], f"{ns}: {obj['metadata']['name']} is not owned by {HD}: {refs}"
+    assert not observer.created_twice(ns), f"{ns}: created more than once: {observer.created_twice(ns)}"
+    assert not [v for v in observer.violations if v.startswith(f"{ns}:")], observer.violations
 
 
 @dataclass
@@ -196,22 +239,21 @@ class Write:
         return f"{self.method} {self.path}{'/' + self.name if self.name else ''} -> {self.code}"
 
     def shape(self) -> tuple[str, str, str, int]:
-        """The write without its namespace (and an Event's unique name), to compare two lives."""
+        """The write without its namespace (nor an Event's unique name), to compare two lives."""
         parts = self.path.split("/")
-        if "namespaces" in parts and parts.index("namespaces") + 1 < len(parts):
+        if "namespaces" in parts:
             parts[parts.index("namespaces") + 1] = "*"
         return self.method, "/".join(parts), "" if self.path.endswith("/events") else self.name, self.code
 
 
 class CrashingApi(KubeApi):
-    """KubeApi whose process dies right after its `crash_after`-th write was answered; every write
-    goes to the journal and is followed by the ServiceWatch's look at the emulator."""
+    """KubeApi whose process dies right after its `crash_after`-th write was answered."""
 
-    def __init__(self, url: str, journal: list[Write], watch: Callable[[str], None], crash_after: int | None) -> None:
+    def __init__(self, url: str, journal: list[Write], crash_after: int | None) -> None:
         cfg = k8s.Configuration()
         cfg.host = url
         super().__init__(cfg)
-        self.journal, self.watch, self.crash_after = journal, watch, crash_after
+        self.journal, self.crash_after = journal, crash_after
         self.writes = 0
         self.dead = False
 
@@ -231,7 +273,6 @@ class CrashingApi(KubeApi):
         write = Write(method, path.split("?")[0], name, error.status if error else 200)
         self.journal.append(write)
         self.writes += 1
-        self.watch(f"write {len(self.journal)} ({write})")
         if self.writes == self.crash_after:
             self.dead = True
             self.http.close()
@@ -252,133 +293,108 @@ class Life:
     world: World
     ns: str
     journal: list[Write] = field(default_factory=list)
+    marks: list[int] = field(default_factory=list)  # len(journal) after each reconcile
     clock: float = 1_800_000_000.0
-    reconciles: int = 0
 
     def __post_init__(self) -> None:
-        self.watch = ServiceWatch(self.cluster, self.ns)
         self.deployment_controller = PlayedDeploymentController(self.cluster, self.ns)
         self.uid = self.cluster.create(self.cluster.hd_path(self.ns), _hd(self.ns))["metadata"]["uid"]
 
     def process(self, crash_after: int | None = None) -> Controller:
         """A fresh operator process: new client, new platform, new locks; nothing carried over."""
-        api = CrashingApi(self.cluster.url, self.journal, self.watch, crash_after)
+        api = CrashingApi(self.cluster.url, self.journal, crash_after)
         return Controller(settings=SETTINGS, platform=KubernetesPlatform(api), telemetry=self.world)
 
     async def reconcile(self, controller: Controller) -> Outcome:
         self.deployment_controller.tick()
-        self.watch("the played Deployment controller's tick")
         self.clock += 1.0
-        self.reconciles += 1
-        return await reconcile_once(_hd_body(self.cluster, self.ns), controller, now=self.clock)
-
-    def status(self) -> dict[str, Any]:
-        return _hd_body(self.cluster, self.ns).get("status") or {}
-
-    def settled(self, outcome: Outcome, first: str) -> str | None:
-        """The serving worker, once the life is over: serving past the breach, nothing left to do."""
-        st = self.status()
-        active = (st.get("active") or {}).get("worker")
-        if outcome.result != "ok" or st.get("phase") != "Serving" or not active or st.get("target"):
-            return None
-        if active == first or [a for a in outcome.actions if not isinstance(a, EmitEvent)]:
-            return None
-        svc = _stable_service(_services(self.cluster, self.ns))
-        if set(_deployments(self.cluster, self.ns)) != {active} or svc is None:
-            return None
-        return str(active) if svc["spec"]["selector"].get(names.LABEL_POOL) == active else None
+        body = self.cluster.get(self.cluster.hd_path(self.ns, HD))  # as the API holds it (kopf passes this)
+        assert body is not None
+        try:
+            return await reconcile_once(body, controller, now=self.clock)
+        finally:
+            self.marks.append(len(self.journal))
 
     async def run_until_settled(self, controller: Controller, first: str) -> tuple[str, int]:
         """(the serving worker, reconciles it took)."""
         for n in range(1, MAX_RECONCILES + 1):
             outcome = await self.reconcile(controller)
-            worker = self.settled(outcome, first)
-            if worker is not None:
-                return worker, n
-        raise AssertionError(f"{self.ns}: not settled after {MAX_RECONCILES} reconciles; status {self.status()}")
+            if outcome.result == "ok" and not [a for a in outcome.actions if not isinstance(a, EmitEvent)]:
+                worker = _settled(self.cluster, self.ns, first)
+                if worker is not None:
+                    return worker, n
+        raise AssertionError(f"{self.ns}: not settled after {MAX_RECONCILES} reconciles: {_status(self.cluster, self.ns)}")
 
-    async def run_until_killed(self, controller: Controller) -> int:
-        for n in range(1, MAX_RECONCILES + 1):
+    async def run_until_killed(self, controller: Controller) -> None:
+        for _ in range(MAX_RECONCILES):
             try:
                 await self.reconcile(controller)
             except Killed:
-                return n
+                return
         raise AssertionError(f"{self.ns}: the process was never killed")
 
     def decisions(self) -> list[tuple[str, str, int, bool]]:
-        return [(d["trigger"], d["candidate"], d["depth"], d["applied"]) for d in self.status().get("decisions") or []]
+        return [(d["trigger"], d["candidate"], d["depth"], d["applied"])
+                for d in _status(self.cluster, self.ns).get("decisions") or []]
 
     def events(self) -> collections.Counter[str]:
         return collections.Counter(e.get("reason") for e in self.cluster.items(f"/api/v1/namespaces/{self.ns}/events"))
 
-    def assert_clean_end(self, worker: str) -> None:
-        """Only the serving worker and the two Services, each owned by the HeliosDeployment; no create twice."""
-        deployments, services = _deployments(self.cluster, self.ns), _services(self.cluster, self.ns)
-        assert set(deployments) == {worker}, f"{self.ns}: orphan Deployments {sorted(set(deployments) - {worker})}"
-        kinds = sorted((s["metadata"].get("labels") or {}).get(names.LABEL_SERVICE) for s in services.values())
-        assert kinds == sorted([names.SERVICE_STABLE, names.SERVICE_METRICS]), f"{self.ns}: Services {sorted(services)}"
-        for obj in [*deployments.values(), *services.values()]:
-            refs = obj["metadata"].get("ownerReferences") or []
-            assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
-                (names.KIND, HD, self.uid, True)
-            ], f"{self.ns}: {obj['metadata']['name']} is not owned by {HD}: {refs}"
-        creates = collections.Counter((w.path, w.name) for w in self.journal if w.method == "POST" and w.name
-                                      and not w.path.endswith("/events"))
-        twice = {k: n for k, n in creates.items() if n > 1}
-        assert not twice, f"{self.ns}: created more than once: {twice}" + "\n".join(map(str, self.journal))
-        failed = [str(w) for w in self.journal if w.code >= 400 and not (w.method == "DELETE" and w.code == 404)]
-        assert not failed, f"{self.ns}: writes the API refused: {failed}"
 
-
-def _phase(write: Write, first: str, second: str) -> str:
-    if write.method == "POST" and write.name in (first, second):
+def _phase(write: Write, serve_workers: set[str]) -> str:
+    if write.method == "POST" and write.name in serve_workers:
         return "after creating the new Deployment"
     if "/services" in write.path and (write.method == "PATCH" or write.name == HD):
         return "after moving the Service"
     if write.method == "DELETE":
         return "during the drain"
-    return "elsewhere"
+    return "after an Event or status write"
 
 
 async def test_killed_after_every_write_of_a_switch_the_restarted_operator_converges_with_no_duplicate_or_orphan(
     fake_cluster: FakeCluster,  # noqa: F811
 ) -> None:
-    fake_cluster.emulator.request_window = 16  # one request at a time here: keep kmock's matching O(1)
+    observer = Observer()
+    fake_cluster.emulator.request_window = 16  # one request at a time here: keeps kmock's matching O(1)
+    fake_cluster.emulator.after_write = observer
     started = time.monotonic()
     first = _first_worker()
     world = World(fake_cluster, _profiles(), breach={first: 0.9})  # the first serve worker breaches: 2nd switch
 
     reference = Life(fake_cluster, world, "no-crash")
     final, reconciles = await reference.run_until_settled(reference.process(), first)
-    print(f"reference {time.monotonic() - started:.2f}s", *enumerate(reference.journal, 1), sep="\n", file=sys.__stdout__)
-    reference.assert_clean_end(final)
-    writes = list(reference.journal)
+    _assert_clean_end(fake_cluster, observer, reference.ns, reference.uid, final)
+    writes, marks = list(reference.journal), list(reference.marks)
     decisions, events = reference.decisions(), reference.events()
-    assert [d[0] for d in decisions] == ["profiling", "breach"] and all(d[3] for d in decisions)
-    phases = collections.Counter(_phase(w, first, final) for w in writes)
+    assert [(d[0], d[3]) for d in decisions] == [("profiling", True), ("breach", True)]
+    phases = collections.Counter(_phase(w, {first, final}) for w in writes)
     assert phases["after creating the new Deployment"] == 2 and phases["after moving the Service"] >= 2
-    assert phases["during the drain"] >= 3  # two profile workers, then the first serve worker
+    drain = [w.path.rsplit("/", 1)[-1] for w in writes if w.method == "DELETE"]
+    assert len(drain) == 3 and first in drain  # the two profile workers, one by one, then the first serve worker
 
-    after_restart: list[int] = []
-    extra_events = 0
+    extra_reconciles, extra_events = 0, 0
     for k in range(1, len(writes) + 1):
         life = Life(fake_cluster, world, f"crash-{k:02d}")
-        life.clock = reference.clock - reference.reconciles  # the same timeline as the reference
+        where = f"killed after write {k} ({writes[k - 1]})"
         await life.run_until_killed(life.process(crash_after=k))
-        assert [w.shape() for w in life.journal] == [w.shape() for w in writes[:k]], f"crash {k}: the first process strayed from the reference run"
+        assert [w.shape() for w in life.journal] == [w.shape() for w in writes[:k]], f"{where}: not the reference run"
         worker, n = await life.run_until_settled(life.process(), first)
-        after_restart.append(n)
-        assert worker == final, f"crash after write {k} ({writes[k - 1]}): serving {worker}, not {final}"
-        life.assert_clean_end(worker)
-        assert life.decisions() == decisions, f"crash after write {k} ({writes[k - 1]}): decisions differ"
-        got = life.events()
-        assert set(got) == set(events) and all(got[r] <= events[r] + 1 for r in got), (k, got, events)
+        assert worker == final, f"{where}: serving {worker}, not {final}"
+        _assert_clean_end(fake_cluster, observer, life.ns, life.uid, worker)
+        refused = [str(w) for w in life.journal if w.code >= 400 and not (w.method == "DELETE" and w.code == 404)]
+        assert not refused, f"{where}: writes the API refused (a duplicate create is a 409): {refused}"
+        assert life.decisions() == decisions, f"{where}: decisions {life.decisions()}, not {decisions}"
+        got = life.events()  # at-least-once: the killed reconcile's Events may come again, once
+        assert set(got) == set(events) and all(got[r] <= events[r] + 1 for r in got), f"{where}: Events {got}"
+        assert observer.checks[life.ns] >= len(life.journal)
+        left = reconciles - next(i for i, m in enumerate(marks) if m >= k)  # the killed one included
+        extra_reconciles = max(extra_reconciles, n - left)
         extra_events = max(extra_events, sum(got.values()) - sum(events.values()))
-        assert life.watch.checks >= k
     took = time.monotonic() - started
+    checks = sum(observer.checks.values())
     print(
-        f"\n{len(writes)} crash points ({dict(phases)}) over {reconciles} reconciles; every restart converged in "
-        f"{min(after_restart)}-{max(after_restart)} reconciles; at most {extra_events} Event(s) repeated; "
-        f"{took:.1f}s",
+        f"\n{len(writes)} crash points ({', '.join(f'{n} {p}' for p, n in phases.items())}) across {reconciles} "
+        f"reconciles; every restart converged, at most {extra_reconciles} reconcile(s) beyond the uninterrupted run; "
+        f"at most {extra_events} Event(s) repeated; Service on a Ready worker at all {checks} writes; {took:.1f}s",
         file=sys.__stdout__,
     )

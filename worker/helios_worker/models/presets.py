@@ -32,6 +32,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
+        Preset("micro", "4 layers x 64, ~0.2M parameters; under a minute on 2 CPU cores (the demo's small candidate)",
+               layers=4, hidden=64, heads=4, intermediate=176, steps=400, batch=24, seq_len=96,
+               lr=5e-3, max_context=256),
         Preset("tiny", "6 layers x 96, 0.7M parameters; about a minute on 2 CPU cores",
                layers=6, hidden=96, heads=4, intermediate=256, steps=500, batch=24, seq_len=96,
                lr=4e-3, max_context=256),
