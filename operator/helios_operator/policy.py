@@ -161,10 +161,10 @@ def options(
 
 
 def accuracy(profile: CandidateProfile, depth: int) -> float:
-    """depth_agreement[L-1]; full depth is the candidate itself, so it agrees with itself."""
-    if depth >= profile.model_layers:
-        return 1.0
-    if depth < 1 or depth > len(profile.depth_agreement):
+    """depth_agreement[L-1]: at full depth too, since tokens confident earlier still exit early there."""
+    if depth > profile.model_layers or depth < 1:
+        return 0.0
+    if depth > len(profile.depth_agreement):
         return 0.0
     return profile.depth_agreement[depth - 1]
 
@@ -292,7 +292,7 @@ def reassess(
     )
     if current is None:
         return Reassessment(best, True, f"{candidate} at {depth} layers was not re-profiled; {best.reason}")
-    if not _feasible(current, floor):
+    if not _feasible(current, floor) and best.accuracy > current.accuracy + _EPS:
         why = f"{candidate} at {depth} layers fell to {pct(current.accuracy)} < floor {pct(floor)}; {best.reason}"
         return Reassessment(_with_reason(best, why), True, why)
     if (best.candidate, best.depth) == (candidate, depth):

@@ -103,15 +103,8 @@ def _switching(d: _Draft) -> None:
         return
     desired = max(1, spec.replicas)
     _ensure(d, target.worker, target.candidate, target.depth, "serve", target.worker, desired)
-    keep = {target.worker}
-    if active is not None:
-        _ensure_active(d, active)
-        keep.add(active.worker)
-    else:
-        keep |= _ensure_round(d)
-    worker = obs.worker(target.worker)
-    ready = worker is not None and worker.ready_replicas >= desired
     if obs.service_pool == target.worker:  # the Service moved: the switch is committed
+        # Drain what it replaces; never ensure it again (a restart mid-drain would re-create it).
         _collect(d, {target.worker})
         since = cond.timestamp(d.inp.now)
         _event(d, "Switched", f"serving {target.candidate} at {target.depth} layers ({target.worker})")
@@ -123,6 +116,14 @@ def _switching(d: _Draft) -> None:
             switch_started="",
         )
         return
+    keep = {target.worker}
+    if active is not None:
+        _ensure_active(d, active)
+        keep.add(active.worker)
+    else:
+        keep |= _ensure_round(d)
+    worker = obs.worker(target.worker)
+    ready = worker is not None and worker.ready_replicas >= desired
     _collect(d, keep)
     if ready:
         _point(d, target.worker)
@@ -342,7 +343,11 @@ def _ensure(
     if c is None:
         return
     seen = d.inp.observed.worker(name)
-    if seen is not None and seen.replicas == replicas and seen.pool == pool:
+    # An earlier phase of this step may have collected it: the status was one phase behind the
+    # objects (an operator killed, or its status patch lost, after it created them). The later
+    # phase's word wins (_normalise keeps the last), so say it even when nothing is to change.
+    dropped = any(isinstance(a, DeleteWorker) and a.name == name for a in d.actions)
+    if seen is not None and seen.replicas == replicas and seen.pool == pool and not dropped:
         return
     d.actions.append(EnsureWorker(name, candidate, c.model, depth, role, pool, replicas))
 

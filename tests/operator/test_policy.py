@@ -319,3 +319,15 @@ def test_noisy_reassessments_never_flap(
     for factors in noise[1:]:
         result = policy.reassess(sample(factors), first.candidate, first.depth, objective, floor)
         assert not result.switch, result.reason
+
+
+def test_full_depth_accuracy_counts_the_tokens_that_still_exit_early() -> None:
+    """At full depth the engine still exits confident tokens early: its accuracy is depth_agreement[N-1],
+    so a threshold too loose for the floor is reported, never hidden behind a claimed 100%."""
+    loose = profile("a", layers=4, depth_agreement=(0.5, 0.6, 0.7, 0.9))
+    assert policy.accuracy(loose, 4) == 0.9
+    choice = policy.choose((loose,), "throughput", 0.95)
+    assert choice is not None and choice.depth == 4
+    assert "no option reaches floor" in choice.reason
+    # Nothing better exists, so a reassessment keeps it rather than switching to itself.
+    assert not policy.reassess((loose,), "a", 4, "throughput", 0.95).switch

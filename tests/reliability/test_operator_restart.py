@@ -55,13 +55,26 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client as k8s
-from tests.operator.kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
+from tests.operator.kmock_support import FakeCluster, HeliosEmulator, fake_cluster  # noqa: F401  (the fixture)
 from tests.operator.profiles import profile
 from tests.operator.test_operator_kmock import World
 
-from helios_operator import names, naming, policy
+from helios_operator import names, naming, policy, reconcile
 from helios_operator.controller import Controller, Outcome, reconcile_once
-from helios_operator.model import EmitEvent
+from helios_operator.model import (
+    DeleteWorker,
+    EmitEvent,
+    EnsureWorker,
+    HeliosSpec,
+    Observed,
+    ObservedWorker,
+    Placement,
+    Role,
+    Status,
+    StepInput,
+    TelemetrySnapshot,
+    WorkerTelemetry,
+)
 from helios_operator.platforms.kubernetes import KubeApi, KubeApiError, KubernetesPlatform
 from helios_operator.settings import load_settings
 
@@ -398,3 +411,59 @@ async def test_killed_after_every_write_of_a_switch_the_restarted_operator_conve
         f"at most {extra_events} Event(s) repeated; Service on a Ready worker at all {checks} writes; {took:.1f}s",
         file=sys.__stdout__,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The two bugs the sweep found, pinned on the pure step (a status one phase behind the objects)
+
+NOW = 1_800_000_100.0
+SINCE = "2027-01-15T08:00:00Z"
+
+
+def _worker(name: str, candidate: str, depth: int, role: Role, pool: str, ready: int = 1) -> ObservedWorker:
+    return ObservedWorker(name, candidate, depth, role, pool, 1, ready, NOW - 10)
+
+
+def _profiled() -> TelemetrySnapshot:
+    """Both profile workers have served their requests: profiling completes in this step."""
+    return TelemetrySnapshot("Ok", "", tuple(
+        WorkerTelemetry(naming.profile_worker(HD, 1, c), c, p.model_layers, p.model_layers, 5, 500, 0, 100, p)
+        for c, p in _profiles().items()
+    ))
+
+
+def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_the_target() -> None:
+    """Killed after creating the switch's target, before patching status (still Profiling): the restarted
+    step re-decides the same switch and must not delete the target it is about to wait for."""
+    first = _first_worker()
+    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    pool = naming.profile_pool(HD, 1)
+    observed = Observed((
+        _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+        _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+        _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first, ready=0),
+    ), pool)
+    status = Status(phase="Profiling", profiling_round=1, profiling_since=SINCE)
+    result = reconcile.step(StepInput(HD, 1, spec, status, observed, _profiled(), NOW))
+    assert result.status.phase == "Switching" and result.status.target is not None
+    assert result.status.target.worker == first
+    assert DeleteWorker(first) not in result.actions, result.actions
+
+
+@pytest.mark.parametrize("active", [False, True], ids=["first switch", "second switch"])
+def test_a_restart_mid_drain_never_recreates_what_was_drained(active: bool) -> None:
+    """Killed after the Service moved and the first old worker was deleted, before patching status (still
+    Switching): the restarted step commits the switch and drains the rest; it re-creates nothing."""
+    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    target = Placement("small", 6, naming.serve_worker(HD, "small", 6), SINCE)
+    old = Placement("small", 4, naming.serve_worker(HD, "small", 4), SINCE) if active else None
+    pool = naming.profile_pool(HD, 1)
+    left = [] if active else [_worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool)]
+    observed = Observed((*left, _worker(target.worker, "small", 6, "serve", target.worker)), target.worker)
+    status = Status(phase="Switching", active=old, target=target, profiling_round=1, switch_started=SINCE)
+    result = reconcile.step(StepInput(HD, 1, spec, status, observed, TelemetrySnapshot("Missing"), NOW))
+    assert result.status.phase == "Serving" and result.status.active is not None
+    assert result.status.active.worker == target.worker
+    ensured = {a.name for a in result.actions if isinstance(a, EnsureWorker)}
+    assert ensured <= {target.worker}, f"re-created what was drained: {result.actions}"
+    assert {a.name for a in result.actions if isinstance(a, DeleteWorker)} == {w.name for w in left}
