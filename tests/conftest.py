@@ -22,8 +22,8 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_model_dir() -> Path:
-    """The trained `small` model (10 layers); trained only by the tests that ask for it."""
+def micro_model_dir() -> Path:
+    """The trained `micro` model (4 layers, the demo's other candidate); under a minute the first time."""
     from helios_worker.models.cache import train_preset
 
-    return train_preset("small", log=_log)
+    return train_preset("micro", log=_log)

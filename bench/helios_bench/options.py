@@ -11,14 +11,14 @@ from pathlib import Path
 from helios_operator.model import OBJECTIVES, Objective
 
 DEFAULT_RESULTS_MD = Path("bench/RESULTS.md")  # relative to where the command runs: the repository root
-CPU_PRESETS = ("tiny", "small")
+CPU_PRESETS = ("micro", "tiny")
 GPU_PRESETS = ("medium", "large")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     device: str = "auto"  # auto | cpu | cuda
-    presets: tuple[str, ...] = ()  # empty: tiny,small on CPU; medium,large on CUDA
+    presets: tuple[str, ...] = ()  # empty: micro,tiny on CPU; medium,large on CUDA
     out: Path = Path("bench/out")
     quick: bool = False  # CI: few prompts, short outputs, small batches
     batches: tuple[int, ...] = (1, 64)  # batch sizes for the bandwidth-bound fractions

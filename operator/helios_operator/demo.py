@@ -75,7 +75,7 @@ DEFAULT_PHASES = (
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("helios-demo")
-    presets: tuple[str, ...] = ("tiny", "small")  # candidates, trained (cached) by the project
+    presets: tuple[str, ...] = ("micro", "tiny")  # candidates, trained (cached) by the project
     models: tuple[Path, ...] = ()  # use these model directories instead of the presets
     seed: int = 0
     train_steps: int | None = None  # override the presets' training steps (a quicker, weaker model)
@@ -577,7 +577,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoOptions()
     add = parser.add_argument
     add("--out", type=Path, default=d.out, help="directory for report.json, report.png and worker logs")
-    add("--preset", dest="presets", action="append", help="candidate model preset (repeatable; default tiny, small)")
+    add("--preset", dest="presets", action="append", help="candidate model preset (repeatable; default micro, tiny)")
     add("--model", dest="models", action="append", type=Path, help="use this model directory as a candidate")
     add("--seed", type=int, default=d.seed, help="training and workload seed")
     add("--objective", choices=("throughput", "latency", "energy"), default=d.objective, help="what the loop optimises")

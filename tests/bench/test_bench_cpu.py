@@ -24,7 +24,7 @@ from helios_operator.model import CandidateProfile
 
 FLOOR = 0.99  # the tiny test models are barely trained: a high floor keeps the choice near full depth
 TRAIN_STEPS = 40  # enough for a model that runs; the bench's structure, not the models' quality, is tested
-COMMAND = "helios bench --quick --device cpu --presets tiny,small"
+COMMAND = "helios bench --quick --device cpu --presets micro,tiny"
 HEADER = "# Bench results\n\nentries below\n"
 CONFIGS = ("helios", "static", "generate")
 
@@ -36,7 +36,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchResult, str, P
     results_md.write_text(HEADER, encoding="utf-8")
     options = BenchOptions(
         device="cpu",
-        presets=("tiny", "small"),
+        presets=("micro", "tiny"),
         out=tmp / "out",
         quick=True,
         results_md=results_md,
@@ -119,7 +119,7 @@ def test_helios_keeps_the_accuracy_floor_it_was_given(bench: tuple[BenchResult, 
 def test_helios_placement_is_the_operator_policys_choice(bench: tuple[BenchResult, str, Path]) -> None:
     data = _json(bench)
     profiles = tuple(CandidateProfile.from_dict(p) for p in data["profiles"])
-    assert [p.candidate for p in profiles] == ["tiny", "small"]
+    assert [p.candidate for p in profiles] == ["micro", "tiny"]
     cost = policy.CostModel(full_batch=data["meta"]["options"]["budget_batch"],
                             context_tokens=data["meta"]["context_tokens"])
     for objective, chosen in data["helios"]["choices"].items():
@@ -135,7 +135,7 @@ def test_budget_fits_the_static_baseline_and_helios_fits_at_least_as_many_rows(
     max_batch = data["sections"]["max_batch"]
     assert max_batch["static"]["max_batch"] == BenchOptions().for_quick().budget_batch
     assert max_batch["helios"]["max_batch"] >= max_batch["static"]["max_batch"]
-    assert data["meta"]["largest"] == "small"
+    assert data["meta"]["largest"] == "tiny"
 
 
 def test_plain_generate_emits_the_static_engines_tokens(bench: tuple[BenchResult, str, Path]) -> None:

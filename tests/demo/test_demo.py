@@ -90,13 +90,13 @@ def test_command_line_flags_become_demo_options() -> None:
     options = demo_options_from_args(ns)
     assert options.out == Path("/tmp/x") and options.presets == ("tiny",) and options.live is False
     assert [(p.min_seconds, p.max_seconds) for p in options.phases] == [(5, 9)] * 3
-    assert demo_options_from_args(parser.parse_args([])).presets == ("tiny", "small")
+    assert demo_options_from_args(parser.parse_args([])).presets == ("micro", "tiny")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_short_demo_adapts_to_the_workload_and_drops_no_request(
-    tiny_model_dir: Path, small_model_dir: Path, tmp_path: Path
+    micro_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """Real worker processes, the operator's own step, easy -> hard -> easy prompts through the router."""
     phases = (
@@ -109,7 +109,7 @@ def test_a_short_demo_adapts_to_the_workload_and_drops_no_request(
     result = run_demo(
         DemoOptions(
             out=tmp_path / "demo",
-            models=(tiny_model_dir, small_model_dir),
+            models=(micro_model_dir, tiny_model_dir),
             phases=phases,
             live=False,
             log=lines.append,
@@ -126,7 +126,7 @@ def test_a_short_demo_adapts_to_the_workload_and_drops_no_request(
     assert [p["phase"] for p in report["phases"]] == ["easy", "hard", "easy again"]
     assert all(p["tokensPerSecond"] > 0 for p in report["phases"])
     served = set(report["exitLayerDistributions"])
-    assert served and served <= {"tiny", "small"}
+    assert served and served <= {"micro", "tiny"}
     assert report["streamedRequests"] > 0
     png = (tmp_path / "demo" / "report.png").read_bytes()
     assert png[:8] == PNG_MAGIC

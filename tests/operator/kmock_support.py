@@ -58,8 +58,8 @@ class HeliosEmulator(kmock.KubernetesEmulator):
         # costs O(requests so far): tests that send thousands set a window of recent requests to keep.
         self.request_window: int | None = None
         # Called in the emulator's own thread right after every write it applied (create, patch,
-        # delete), with the request's namespace: it sees the objects as they are at that instant.
-        self.after_write: Callable[[HeliosEmulator, str | None], None] | None = None
+        # delete), before its answer is sent: it sees the objects as they are at that instant.
+        self.after_write: Callable[[HeliosEmulator, rendering.Request], None] | None = None
 
     def _record(self, request: rendering.Request) -> None:
         if request.resource is None or request.action is None or not request.resource.plural:
@@ -92,7 +92,7 @@ class HeliosEmulator(kmock.KubernetesEmulator):
                 self._prepare_patch(request)
         response = await super()._handle(request)
         if self.after_write is not None and request.action in _WRITES:
-            self.after_write(self, request.namespace)
+            self.after_write(self, request)
         return response
 
     def live(self, plural: str, namespace: str) -> list[dict[str, Any]]:

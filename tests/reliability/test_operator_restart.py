@@ -54,10 +54,11 @@ from typing import Any
 
 import httpx
 import pytest
+from kmock._internal import enums, rendering
 from kubernetes import client as k8s
 from tests.operator.kmock_support import FakeCluster, HeliosEmulator, fake_cluster  # noqa: F401  (the fixture)
 from tests.operator.profiles import profile
-from tests.operator.test_operator_kmock import World
+from tests.operator.test_operator_kmock import DeploymentController, World
 
 from helios_operator import names, naming, policy, reconcile
 from helios_operator.controller import Controller, Outcome, reconcile_once
@@ -142,16 +143,19 @@ class Observer:
     uids: dict[tuple[str, str], set[str]] = field(default_factory=lambda: collections.defaultdict(set))
     _served: set[str] = field(default_factory=set)  # namespaces whose stable Service has existed
 
-    def __call__(self, emulator: HeliosEmulator, namespace: str | None) -> None:
-        if namespace is None:
+    def __call__(self, emulator: HeliosEmulator, request: rendering.Request) -> None:
+        if request.namespace is None:
             return
         try:
-            self._check(emulator, namespace)
+            self._check(emulator, request.namespace)
         except Exception as err:  # never a 500 to the operator: say it in the test
-            self.violations.append(f"{namespace}: the check failed: {err!r}")
+            self.violations.append(f"{request.namespace}: the check failed: {err!r}")
 
     def _check(self, emulator: HeliosEmulator, ns: str) -> None:
         self.checks[ns] += 1
+        import os as _o
+        if _o.environ.get("DEBUG_WRITES"):
+            print("WRITE", time.monotonic(), emulator.calls[-1] if emulator.calls else None, sorted((d["metadata"]["name"], d["metadata"]["uid"][:4], (d.get("status") or {}).get("readyReplicas")) for d in emulator.live("deployments", ns)), [ (s_["spec"].get("selector") or {}).get(names.LABEL_POOL) for s_ in _stable(emulator.live("services", ns))], file=sys.__stdout__)
         deployments, stable = emulator.live("deployments", ns), _stable(emulator.live("services", ns))
         for d in deployments:
             self.uids[ns, d["metadata"]["name"]].add(d["metadata"]["uid"])
@@ -336,7 +340,7 @@ class Life:
                 worker = _settled(self.cluster, self.ns, first)
                 if worker is not None:
                     return worker, n
-        raise AssertionError(f"{self.ns}: not settled after {MAX_RECONCILES} reconciles: {_status(self.cluster, self.ns)}")
+        raise AssertionError(f"{self.ns}: not settled in {MAX_RECONCILES} reconciles: {_status(self.cluster, self.ns)}")
 
     async def run_until_killed(self, controller: Controller) -> None:
         for _ in range(MAX_RECONCILES):
@@ -467,3 +471,147 @@ def test_a_restart_mid_drain_never_recreates_what_was_drained(active: bool) -> N
     ensured = {a.name for a in result.actions if isinstance(a, EnsureWorker)}
     assert ensured <= {target.worker}, f"re-created what was drained: {result.actions}"
     assert {a.name for a in result.actions if isinstance(a, DeleteWorker)} == {w.name for w in left}
+
+
+# ---------------------------------------------------------------------------------------------
+# The real operator process (kopf run), SIGKILLed at exact writes
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "default"
+
+
+def operator_process() -> None:
+    """Entry of the operator subprocess: `kopf run` of helios_operator.handlers, telemetry scripted as above."""
+    import logging
+
+    import kopf
+
+    from helios_operator import handlers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    url = os.environ["HELIOS_TEST_KMOCK_URL"]
+    cluster = FakeCluster(None, url, Path(os.environ["KUBECONFIG"]), httpx.Client(base_url=url, timeout=5.0))  # type: ignore[arg-type]
+    handlers.telemetry_provider = World(cluster, _profiles(), breach={_first_worker(): 0.9})
+
+    @kopf.on.startup()
+    def quick(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.watching.reconnect_backoff = 0.1
+        settings.batching.idle_timeout = 0.2
+        settings.batching.batch_window = 0.05
+        settings.scanning.disabled = True
+
+    kopf.run(clusterwide=True, standalone=True)
+
+
+@dataclass
+class KillPoint:
+    what: str
+    matches: Callable[[rendering.Request], bool]
+
+
+def _created(plural: str, name: str) -> Callable[[rendering.Request], bool]:
+    return lambda r: r.action == enums.action.CREATE and _plural(r) == plural and _body_name(r) == name
+
+
+def _plural(request: rendering.Request) -> str:
+    return str(request.resource.plural) if request.resource is not None else ""
+
+
+def _body_name(request: rendering.Request) -> str:
+    data = request.data if isinstance(request.data, dict) else {}
+    return str((data.get("metadata") or {}).get("name") or request.name or "")
+
+
+@dataclass
+class Assassin:
+    """An `after_write` hook: checks every write (Observer), and SIGKILLs the operator process right after
+    the write its kill point names, in the emulator's thread, before the answer leaves: the process never
+    learns the write succeeded."""
+
+    observer: Observer
+    victim: subprocess.Popen[bytes] | None = None
+    point: KillPoint | None = None
+    killed: threading.Event = field(default_factory=threading.Event)
+    at_kill: list[str] = field(default_factory=list)
+
+    def __call__(self, emulator: HeliosEmulator, request: rendering.Request) -> None:
+        self.observer(emulator, request)
+        if self.victim is None or self.point is None or request.subresource or not self.point.matches(request):
+            return
+        self.victim.kill()
+        self.victim.wait(5)
+        deployments = sorted(d["metadata"]["name"] for d in emulator.live("deployments", NS))
+        stable = _stable(emulator.live("services", NS))
+        pool = (stable[0]["spec"].get("selector") or {}).get(names.LABEL_POOL) if stable else None
+        hd = next(iter(emulator.live(names.PLURAL, NS)), {})
+        phase = (hd.get("status") or {}).get("phase")
+        self.at_kill.append(f"{self.point.what}: status {phase}, Service on {pool}, Deployments {deployments}")
+        self.victim, self.point = None, None
+        self.killed.set()
+
+
+def _start_operator(log: Path, url: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "HELIOS_TEST_KMOCK_URL": url,
+        "HELIOS_RESYNC_INTERVAL_S": "0.3",
+        "HELIOS_WORKER_IMAGE": IMAGE,
+        "HELIOS_METRICS_PORT": "0",
+    }
+    code = "from tests.reliability.test_operator_restart import operator_process; operator_process()"
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_the_kopf_operator_sigkilled_after_create_after_the_service_move_and_mid_drain_resumes_cleanly(
+    fake_cluster: FakeCluster,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    observer = Observer()
+    assassin = Assassin(observer)
+    fake_cluster.emulator.request_window = 500
+    fake_cluster.emulator.after_write = assassin
+    first = _first_worker()
+    played = DeploymentController(fake_cluster)  # every Deployment Ready within 0.1 s
+    log = tmp_path / "operator.log"
+    points = [
+        KillPoint("after creating the first switch's Deployment", _created("deployments", first)),
+        KillPoint("after moving the Service", lambda r: r.action == enums.action.UPDATE and _plural(r) == "services"),
+        KillPoint("after the first delete of the drain", lambda r: r.action == enums.action.DELETE
+                  and _plural(r) == "deployments"),
+    ]
+    processes: list[subprocess.Popen[bytes]] = []
+    started = time.monotonic()
+    try:
+        played.thread.start()
+        uid = fake_cluster.create(fake_cluster.hd_path(NS), _hd(NS))["metadata"]["uid"]
+        for point in points:
+            assassin.killed.clear()
+            assassin.point = point
+            assassin.victim = _start_operator(log, fake_cluster.url)
+            processes.append(assassin.victim)
+            assert assassin.killed.wait(40), f"never reached the kill point {point.what!r}:\n{log.read_text()[-3000:]}"
+        last = _start_operator(log, fake_cluster.url)
+        processes.append(last)
+        resumed = time.monotonic()
+        final = fake_cluster.wait_for("the operator to settle", lambda: _settled(fake_cluster, NS, first), timeout=40)
+        settled_s = time.monotonic() - resumed
+        last.terminate()
+        last.wait(15)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        played.stop.set()
+        played.thread.join(5)
+    assert [p.returncode for p in processes[:3]] == [-signal.SIGKILL] * 3
+    _assert_clean_end(fake_cluster, observer, NS, uid, final)
+    decisions = [(d["trigger"], d["applied"]) for d in _status(fake_cluster, NS).get("decisions") or []]
+    assert decisions == [("profiling", True), ("breach", True)]
+    print(
+        "\nkopf operator SIGKILLed 3 times: " + "; ".join(assassin.at_kill)
+        + f"; the 4th process settled {settled_s:.1f}s after its start ({time.monotonic() - started:.1f}s in all; "
+        f"Service on a Ready worker at all {observer.checks[NS]} writes)",
+        file=sys.__stdout__,
+    )
