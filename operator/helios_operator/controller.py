@@ -136,16 +136,36 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
     def service_manifest(pool: str) -> dict[str, Any]:
         return resources.stable_service(owner.name, owner.namespace, pool)
 
+    def act(actions: tuple[Any, ...]) -> None:
+        platform.execute(owner, actions, worker_manifest=worker_manifest, service_manifest=service_manifest)
+
+    def failed(status: Status, err: Exception) -> Status:
+        why = f"{type(err).__name__}: {err}"[:1000]
+        return status.with_changes(
+            conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", "PlatformError",
+                                                why, now)
+        )
+
+    # The order survives a kill at any point: the Events (at least once), then the status (what was
+    # decided), then the objects it implies. Killed in between, the status is ahead of the objects and
+    # the next step completes them (a diff); a status behind them would replay a phase already left
+    # and undo its work (move the Service back, re-create drained workers). Nothing is done to the
+    # objects that the status does not record: if it cannot be written, the next reconcile retries.
+    events = tuple(a for a in result.actions if isinstance(a, EmitEvent))
+    changes = tuple(a for a in result.actions if not isinstance(a, EmitEvent))
     new_status = result.status
     outcome = "ok"
     try:
-        await asyncio.to_thread(
-            platform.execute,
-            owner,
-            result.actions,
-            worker_manifest=worker_manifest,
-            service_manifest=service_manifest,
-        )
+        await asyncio.to_thread(act, events)
+    except Exception as err:  # PlatformError; Events never hold the switch back
+        outcome, new_status = "platform_error", failed(new_status, err)
+    try:
+        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+    except Exception as err:
+        log.warning("patching the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
+        return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions)
+    try:
+        await asyncio.to_thread(act, changes)
         await asyncio.to_thread(
             platform.ensure_monitoring,
             owner,
@@ -153,17 +173,11 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
             resources.service_monitor(owner.name, owner.namespace),
         )
     except Exception as err:  # PlatformError, or a manifest the API cannot take
-        outcome = "platform_error"
-        why = f"{type(err).__name__}: {err}"[:1000]
-        new_status = new_status.with_changes(
-            conditions=conditions.set_condition(new_status.conditions, conditions.DEGRADED, "True", "PlatformError",
-                                                why, now)
-        )
-    try:
-        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
-    except Exception as err:
-        log.warning("patching the status of %s failed: %s", owner.name, err)
-        outcome = "platform_error"
+        outcome, new_status = "platform_error", failed(new_status, err)
+        try:
+            await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+        except Exception as err2:
+            log.warning("patching the status of %s failed: %s", owner.name, err2)
     return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions)
 
 

@@ -376,7 +376,9 @@ def _ready_in(workers: tuple[ObservedWorker, ...], pool: str) -> bool:
 def _point(d: _Draft, pool: str) -> None:
     """Point the Service at a pool, never at one without a Ready worker."""
     obs = d.inp.observed
-    if obs.service_pool != pool and _ready_in(obs.workers, pool):
+    # As in _ensure: an earlier phase of this step may have pointed it elsewhere; the later word wins.
+    moved = any(isinstance(a, PointService) for a in d.actions)
+    if (obs.service_pool != pool or moved) and _ready_in(obs.workers, pool):
         d.actions.append(PointService(pool))
 
 

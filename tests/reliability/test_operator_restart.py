@@ -2,44 +2,56 @@
 
 The crash-point sweep drives the operator's own reconcile (`controller.reconcile_once`, the function
 kopf's handlers call) against the kmock emulator over real HTTP, through `KubeApi` with one change:
-after the k-th write request (POST, PATCH, DELETE) has been answered, the "process" dies —
-`Killed` is a BaseException, so no handler in the operator runs after it, not even the status
-patch. A FRESH Controller (new platform, new client, new locks; nothing kept in memory) then takes
-the HeliosDeployment as the API holds it and reconciles until nothing is left to do. k runs over
-every write of a whole life: profiling, the first switch (profiling pool -> serve worker), a breach
-and a second switch (serve worker -> deeper serve worker), so it covers the three phases the issue
-names: right after the new Deployment is created, right after the Service moved, and between the
-deletes of the drain (the first switch drains two profile workers, one DELETE each).
+right after the k-th write request (POST, PATCH, DELETE) was answered, the "process" dies: `Killed`
+is a BaseException, so nothing in the operator runs after it, not even the status patch. A FRESH
+Controller (new client, platform and locks; nothing kept in memory) then takes the HeliosDeployment
+as the API holds it and reconciles until nothing is left to do. k runs over every write of a whole
+life: profiling, the first switch (profiling pool -> serve worker), a breach and the second switch
+(serve worker -> deeper serve worker). That covers the phases the issue names: right after the new
+Deployment is created, right after the Service moved, and between the deletes of the drain (the
+first switch drains two profile workers, one DELETE each, then the second drains the first worker).
 
-Asserted for every crash point: the run converges to the same serving worker as the run without a
-crash; no Deployment name is created twice and no create meets a 409 (no duplicate); at the end only
-the serving worker, the stable Service and the metrics Service exist (no orphan) and each carries
-the HeliosDeployment's controller ownerReference; the recorded decisions equal those of the run
-without a crash (none doubled); and after EVERY write of either process (and every step of the
-played Deployment controller) the stable Service, once it exists, selects a pool with a Ready worker.
+Asserted for every crash point: the restart converges to the worker the uninterrupted run ends on,
+in no more reconciles than that run had left; no Deployment is created twice (one uid per name for
+its whole life) and no write is refused (a duplicate create is a 409); at the end only the serving
+worker, the stable Service and the metrics Service exist (no orphan), each with the
+HeliosDeployment's controller ownerReference; the decisions equal the uninterrupted run's (none
+doubled); Events are at least once (the killed reconcile's may come again, once each); and after
+EVERY write the emulator applied, from either process or the test, checked in the emulator's own
+thread before the answer leaves (kmock_support's `after_write` hook), the stable Service, once it
+exists, selects a pool with a Ready worker.
 
-The kopf variant SIGKILLs a real `kopf run` process (a subprocess, so nothing of it survives) right
-after the switch's target Deployment appears, starts a new process, and asserts the same end state.
+The kopf variant runs the real operator as a process (`kopf run` of helios_operator.handlers) and
+SIGKILLs it from that same hook, right after the write a kill point names and before the process
+reads the answer: after it creates the first switch's Deployment, after it moves the Service, after
+its first delete of the drain; three kills in a row, each restart resuming the previous one's work,
+then a fourth process runs to the end. Same end-state assertions.
+
+Found and fixed on the way (the pure-step tests at the bottom pin the step's part): the status was
+written after the objects it implies, so a kill in between left it a phase behind, and a restart
+replayed that phase against objects of the next one: it deleted the switch's new target, re-created
+drained workers, and (two kills in a row) moved the Service back to the profiling pool. The
+controller now writes Events, then the status, then the objects; the step lets a later phase's
+"keep it as it is" override an earlier phase's delete or Service move in the same step.
 
 GAPS of kmock (see kmock_support.py), so some of a real restart is NOT shown here:
 - no Deployment controller or kubelet: the test plays it (a Deployment becomes Ready on the played
-  controller's second look at it, between reconciles in the sweep, every 0.1 s in the kopf variant);
-  no pods, so "Ready" is the Deployment's readyReplicas, and the Service's selector is checked against
-  the Deployments' pool label, not against Endpoints;
-- DELETE is immediate (propagationPolicy Foreground is ignored; no deletionTimestamp while pods
-  drain through preStop), and there is no garbage collection by ownerReferences: an orphan would
-  stay, which is what lets the test see one, but cascading deletion itself is not exercised;
+  controller's second look at it, between reconciles in the sweep; within 0.1 s in the kopf variant);
+  no pods, so "Ready" is the Deployment's readyReplicas and the Service's selector is checked against
+  the Deployments' pool label, not against Endpoints; in-flight requests are not modelled (the
+  worker suite proves the drain through preStop);
+- DELETE is immediate (propagationPolicy Foreground is ignored: no deletionTimestamp while pods
+  drain), and there is no garbage collection by ownerReferences: an orphan would stay, which lets
+  the test see one, but cascading deletion itself is not exercised;
 - no status/spec split, no schema validation, no conflict detection on writes without a
-  resourceVersion; the emulator never dies with the operator (API writes are atomic here);
-- a kill lands between two requests (after an answered write), never inside one: a write the API
-  applied but whose answer was lost is the same case as "killed right after it".
-Events are at-least-once: a kill between an Event's POST and the status patch repeats it; the
-sweep measures how often (see the figure it prints) and bounds it.
+  resourceVersion; the emulator never dies with the operator, and a write is atomic here;
+- a kill lands between two requests (after an applied write), never inside one: a write the API
+  applied but whose answer was lost is the same case as "killed right after it";
+- telemetry is scripted (tests/operator's World), not Prometheus.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import signal
@@ -70,6 +82,7 @@ from helios_operator.model import (
     Observed,
     ObservedWorker,
     Placement,
+    PointService,
     Role,
     Status,
     StepInput,
@@ -153,9 +166,6 @@ class Observer:
 
     def _check(self, emulator: HeliosEmulator, ns: str) -> None:
         self.checks[ns] += 1
-        import os as _o
-        if _o.environ.get("DEBUG_WRITES"):
-            print("WRITE", time.monotonic(), emulator.calls[-1] if emulator.calls else None, sorted((d["metadata"]["name"], d["metadata"]["uid"][:4], (d.get("status") or {}).get("readyReplicas")) for d in emulator.live("deployments", ns)), [ (s_["spec"].get("selector") or {}).get(names.LABEL_POOL) for s_ in _stable(emulator.live("services", ns))], file=sys.__stdout__)
         deployments, stable = emulator.live("deployments", ns), _stable(emulator.live("services", ns))
         for d in deployments:
             self.uids[ns, d["metadata"]["name"]].add(d["metadata"]["uid"])
@@ -355,7 +365,8 @@ class Life:
                 for d in _status(self.cluster, self.ns).get("decisions") or []]
 
     def events(self) -> collections.Counter[str]:
-        return collections.Counter(e.get("reason") for e in self.cluster.items(f"/api/v1/namespaces/{self.ns}/events"))
+        events = self.cluster.items(f"/api/v1/namespaces/{self.ns}/events")
+        return collections.Counter(str(e.get("reason")) for e in events)
 
 
 def _phase(write: Write, serve_workers: set[str]) -> str:
@@ -405,6 +416,7 @@ async def test_killed_after_every_write_of_a_switch_the_restarted_operator_conve
         assert set(got) == set(events) and all(got[r] <= events[r] + 1 for r in got), f"{where}: Events {got}"
         assert observer.checks[life.ns] >= len(life.journal)
         left = reconciles - next(i for i, m in enumerate(marks) if m >= k)  # the killed one included
+        assert n <= left, f"{where}: {n} reconciles after the restart, the uninterrupted run had {left} left"
         extra_reconciles = max(extra_reconciles, n - left)
         extra_events = max(extra_events, sum(got.values()) - sum(events.values()))
     took = time.monotonic() - started
@@ -418,7 +430,10 @@ async def test_killed_after_every_write_of_a_switch_the_restarted_operator_conve
 
 
 # ---------------------------------------------------------------------------------------------
-# The two bugs the sweep found, pinned on the pure step (a status one phase behind the objects)
+# The step's part of the fix, pinned: a status one or two phases behind the objects (what a kill before
+# the status write left before the controller wrote the status first; still what a reconcile handed an
+# older body sees) must not undo the later phase: no target deleted, nothing drained re-created, the
+# Service never moved back.
 
 NOW = 1_800_000_100.0
 SINCE = "2027-01-15T08:00:00Z"
@@ -452,6 +467,24 @@ def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_th
     assert result.status.phase == "Switching" and result.status.target is not None
     assert result.status.target.worker == first
     assert DeleteWorker(first) not in result.actions, result.actions
+
+
+def test_a_restart_that_lost_two_status_writes_never_moves_the_service_back() -> None:
+    """Killed after creating the target, then again after moving the Service to it (the status still says
+    Profiling): the restarted step replays profiling, which would point the Service at the profiling pool,
+    then commits the switch; the later word must win: the Service stays on the target."""
+    first = _first_worker()
+    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    pool = naming.profile_pool(HD, 1)
+    observed = Observed((
+        _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+        _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+        _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first),
+    ), first)
+    status = Status(phase="Profiling", profiling_round=1, profiling_since=SINCE)
+    result = reconcile.step(StepInput(HD, 1, spec, status, observed, _profiled(), NOW))
+    assert result.status.active is not None and result.status.active.worker == first
+    assert [a.pool for a in result.actions if isinstance(a, PointService)] in ([], [first]), result.actions
 
 
 @pytest.mark.parametrize("active", [False, True], ids=["first switch", "second switch"])
@@ -543,8 +576,8 @@ class Assassin:
         deployments = sorted(d["metadata"]["name"] for d in emulator.live("deployments", NS))
         stable = _stable(emulator.live("services", NS))
         pool = (stable[0]["spec"].get("selector") or {}).get(names.LABEL_POOL) if stable else None
-        hd = next(iter(emulator.live(names.PLURAL, NS)), {})
-        phase = (hd.get("status") or {}).get("phase")
+        st = next(iter(emulator.live(names.PLURAL, NS)), {}).get("status") or {}
+        phase = f"{st.get('phase')} to {(st.get('target') or {}).get('worker')}"
         self.at_kill.append(f"{self.point.what}: status {phase}, Service on {pool}, Deployments {deployments}")
         self.victim, self.point = None, None
         self.killed.set()
