@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import httpx
 import yaml
+from tests.support.servers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent  # tests/cluster
@@ -100,14 +100,7 @@ class Kubectl:
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 2.0) -> Any:
     """Poll `check` until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+    return wait_until(check, timeout, interval, what=what)
 
 
 def split_image(image: str) -> tuple[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +27,9 @@ import pytest
 from kmock._internal import enums, rendering
 
 from helios_operator import names
+from tests.support.servers import free_port, wait_until
+
+__all__ = ["free_port"]  # re-exported: the operator tests import it from here
 
 HD_RESOURCE = kmock.resource(names.GROUP, names.VERSION, names.PLURAL)
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
@@ -261,22 +263,7 @@ class FakeCluster:
 
     def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
         """Poll `check` until it returns something truthy; fail naming `what` on timeout."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            last = check()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def free_port() -> int:
-    """A free loopback port (bound and released; the caller binds it next)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+        return wait_until(check, timeout, interval, what=what)
 
 
 def write_kubeconfig(path: Path, server_url: str) -> Path:

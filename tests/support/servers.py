@@ -66,8 +66,8 @@ def run_uvicorn(app: Any, *, lifespan: str = "on") -> Iterator[str]:
         server.stop()
 
 
-def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until `predicate()` returns something truthy; returns it, or raises TimeoutError."""
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll until `predicate()` returns something truthy; returns it, or raises TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -75,4 +75,4 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) ->
         if last:
             return last
         time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s (last value: {last!r})")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
