@@ -147,7 +147,8 @@ def test_metrics_carry_every_contract_series_with_identity_labels(base_url: str)
     samples = metric_samples(base_url)
     profiling = {"first_confident_layer", "layer_agreement", "depth_agreement", "profiled_tokens", "profiled_requests"}
     for metric in contract.ALL_METRICS:
-        if metric.name.removeprefix(contract.PREFIX) in profiling or metric is contract.ENERGY_JOULES:
+        nvml_only = (contract.ENERGY_JOULES, contract.GPU_MEMORY_USED_BYTES)
+        if metric.name.removeprefix(contract.PREFIX) in profiling or metric in nvml_only:
             continue  # profiling mode only; NVML only
         name = metric.series + ("_count" if metric.kind == "histogram" else "")
         assert name in samples, name
