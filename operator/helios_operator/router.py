@@ -258,7 +258,9 @@ class Router:
                 try:
                     req = await read_request(reader, writer)
                 except (BadRequest, ValueError) as err:
-                    await _write_simple(writer, 400, error_body(str(err), "invalid_request_error", "invalid_request"), False)
+                    await _write_simple(
+                        writer, 400, error_body(str(err), "invalid_request_error", "invalid_request"), False
+                    )
                     return
                 if req is None:
                     return
@@ -286,7 +288,9 @@ class Router:
             await _write_simple(writer, 200 if ready else 503, body, keep)
             return keep
         if not req.path.startswith("/v1/"):
-            await _write_simple(writer, 404, error_body(f"no route for {req.path}", "invalid_request_error", "not_found"), keep)
+            await _write_simple(
+                writer, 404, error_body(f"no route for {req.path}", "invalid_request_error", "not_found"), keep
+            )
             return keep
         return await self._forward(req, writer, keep)
 
