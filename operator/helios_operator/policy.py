@@ -23,6 +23,7 @@ class CostModel:
     switch_margin: float = 0.10  # a reassessment switches only for a 10% better score
     load_cost_weight: float = 0.25  # cost of loading one full model's worth of weights, in score share
     candidate_change_cost: float = 0.05  # extra cost of changing model (cold files, new tokenizer)
+    accuracy_z: float = 1.0  # the floor is held by the agreement's Wilson lower bound at this z, not the mean
 
 
 DEFAULT_COST = CostModel()
@@ -149,24 +150,34 @@ def options(
         for depth in range(1, n + 1):
             est = estimate(p, depth, cost)
             s = score(est, objective, measured_energy)
-            acc = accuracy(p, depth)
+            acc = accuracy(p, depth, cost.accuracy_z)
             gain = s / max(full_score, _EPS)
             verdict = "≥" if acc >= floor - _EPS else "<"
             reason = (
-                f"{p.candidate} at {depth}/{n} layers: {pct(acc)} agreement {verdict} floor {pct(floor)},"
+                f"{p.candidate} at {depth}/{n} layers: {pct(acc)} agreement (lower bound over {p.profiled_tokens}"
+                f" tokens) {verdict} floor {pct(floor)},"
                 f" est. {gain:.2f}× {_UNITS[objective]} vs full depth (batch {est.batch})"
             )
             out.append(Choice(p.candidate, depth, n, acc, s, gain, est, reason))
     return out
 
 
-def accuracy(profile: CandidateProfile, depth: int) -> float:
-    """depth_agreement[L-1]: at full depth too, since tokens confident earlier still exit early there."""
-    if depth > profile.model_layers or depth < 1:
+def accuracy(profile: CandidateProfile, depth: int, z: float = DEFAULT_COST.accuracy_z) -> float:
+    """depth_agreement[L-1] (at full depth too: tokens confident earlier still exit early there), as the
+    Wilson lower bound over the profiled tokens: 48 tokens that all agree do not prove 100%."""
+    if depth > profile.model_layers or depth < 1 or depth > len(profile.depth_agreement):
         return 0.0
-    if depth > len(profile.depth_agreement):
-        return 0.0
-    return profile.depth_agreement[depth - 1]
+    return wilson_lower_bound(profile.depth_agreement[depth - 1], profile.profiled_tokens, z)
+
+
+def wilson_lower_bound(share: float, n: int, z: float) -> float:
+    """The lower end of the Wilson score interval of a share measured over n trials (n <= 0: the share)."""
+    if n <= 0 or z <= 0:
+        return share
+    z2 = z * z
+    centre = share + z2 / (2 * n)
+    spread = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z2 / n))
 
 
 def _feasible(c: Choice, floor: float) -> bool:
@@ -193,8 +204,8 @@ def choose(
     feasible = [c for c in every if _feasible(c, floor)]
     if feasible:
         return _best(feasible, order)
-    top = max(c.accuracy for c in every)
-    fallback = _best([c for c in every if c.accuracy >= top - _EPS], order)
+    # Nothing proves the floor: the most accurate option, and among equals the deepest (the safest bet).
+    fallback = max(every, key=lambda c: (round(c.accuracy, 9), c.depth / c.model_layers, c.score))
     return _with_reason(fallback, f"no option reaches floor {pct(floor)}; most accurate: {fallback.reason}")
 
 
