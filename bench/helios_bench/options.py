@@ -31,7 +31,7 @@ class BenchOptions:
     breach_window: int = 100
     breach_limit: int = 50
     prompts: int = 64  # evaluation prompts (half easy, half hard)
-    profile_requests: int = 5  # per candidate, at full depth (the CR's profiling.requestsPerCandidate)
+    profile_requests: int = 40  # per candidate, at full depth; the task answers are short, so 40 give ~400 tokens
     latency_requests: int = 48  # requests played at a fixed rate
     rate: float | None = None  # requests/s for the latency run; None: 0.8 x the static baseline's capacity
     memory_budget_bytes: int | None = None  # None: the static baseline's weights + KV for budget_batch rows
