@@ -41,9 +41,10 @@ class LocalPrometheus:
 
     def __init__(self, directory: Path, binary: str | None = None, scrape_interval_s: float = 1.0) -> None:
         self.binary = binary or shutil.which("prometheus") or ""
-        self.directory = directory
+        # Absolute: Prometheus reads file_sd paths relative to its config file, not to our working directory.
+        self.directory = directory.resolve()
         self.scrape_interval_s = scrape_interval_s
-        self.targets_path = directory / "targets.json"
+        self.targets_path = self.directory / "targets.json"
         self.url = ""
         self._process: asyncio.subprocess.Process | None = None
         self._written = ""

@@ -224,9 +224,12 @@ async def test_the_runner_drives_the_platform_with_the_operators_step(platform: 
 
 @pytest.mark.skipif(not LocalPrometheus.available(), reason="the prometheus binary is not installed")
 async def test_a_local_prometheus_reads_the_workers_like_the_clusters_does(
-    platform: LocalPlatform, tmp_path: Path
+    platform: LocalPlatform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prom = LocalPrometheus(tmp_path / "prom")
+    # A relative directory, as `helios demo --out demo-out` gives it: Prometheus resolves file_sd paths
+    # against its config file, so a relative targets path once left it scraping nothing.
+    monkeypatch.chdir(tmp_path)
+    prom = LocalPrometheus(Path("prom"))
     await prom.start()
     try:
         await platform.apply([ensure("demo-tiny-l2", "p"), PointService("p")])
