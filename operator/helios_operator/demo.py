@@ -171,6 +171,7 @@ class LiveState:
 
     phase: str = "starting"
     loop_phase: str = "Pending"
+    telemetry: str = "-"  # "ok", or why the loop cannot read it (it then decides nothing)
     active: str = "-"
     target: str = "-"
     reason: str = ""
@@ -240,6 +241,7 @@ class Display:
             ("elapsed", f"{now - s.started:.0f}s"),
             ("workload", s.phase + progress),
             ("loop", s.loop_phase),
+            ("telemetry", s.telemetry),
             ("serving", s.active + (f"  -> switching to {s.target}" if s.target != "-" else "")),
             ("last decision", s.reason or "-"),
             ("breach ratio", ratio),
@@ -263,7 +265,7 @@ class Display:
 def status_line(s: LiveState, now: float) -> str:
     ratio = "-" if s.breach_ratio is None else f"{s.breach_ratio:.0%}"
     return (
-        f"[{s.phase}] loop={s.loop_phase} serving={s.active} breach={ratio} "
+        f"[{s.phase}] loop={s.loop_phase} telemetry={s.telemetry} serving={s.active} breach={ratio} "
         f"tok/s={s.tokens_per_second(now):.0f} mem={s.resident_bytes / 2**20:.0f}MiB ok={s.ok} failed={s.failed}"
     )
 
@@ -321,6 +323,8 @@ class DemoRun:
             before = f"{switch.before.candidate}@{switch.before.depth}" if switch.before else "profiling pool"
             self.display.say(f"» switched {before} -> {switch.after.candidate}@{switch.after.depth}")
         self.state.loop_phase = status.phase
+        snapshot = tick.telemetry
+        self.state.telemetry = "ok" if snapshot.available else f"{snapshot.reason} ({snapshot.message})"
         self.state.active = f"{status.active.candidate}@{status.active.depth}" if status.active else "profiling pool"
         self.state.target = f"{status.target.candidate}@{status.target.depth}" if status.target else "-"
         worker = tick.telemetry.worker(status.active.worker) if status.active else None
