@@ -14,6 +14,13 @@ if ! command -v prometheus >/dev/null 2>&1 && [ "${HELIOS_SKIP_APT:-0}" != "1" ]
   $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 
+# Debian's python3 ships without venv/ensurepip until python3-venv is installed.
+if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+  echo "setup: installing python3-venv (Debian package)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
