@@ -47,9 +47,14 @@ class Controller:
     platform: KubernetesPlatform
     telemetry: TelemetryProvider
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def wakeup(self, namespace: str, name: str) -> asyncio.Event:
+        """Set by a change to the object; its resync loop reconciles at once instead of at its next tick."""
+        return self._wakeups.setdefault((namespace, name), asyncio.Event())
 
 
 def make_controller(settings: Settings, telemetry: TelemetryProvider | None = None) -> Controller:

@@ -58,24 +58,33 @@ def _configure_kubernetes_client() -> None:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
 
 
-@kopf.on.create(*_RESOURCE)
-@kopf.on.resume(*_RESOURCE)
 @kopf.on.update(*_RESOURCE, field="spec")
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await controller.reconcile_once(body, memo.controller)
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Wake the resync loop rather than reconcile here: a handler's body is the object as it was at the
+    event, and its status may be older than the one the loop last wrote; the loop's body is live."""
+    owner = controller.owner_of(body)
+    memo.controller.wakeup(owner.namespace, owner.name).set()
 
 
 @kopf.daemon(*_RESOURCE, cancellation_timeout=5.0)
 async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """The periodic reconcile: every resync_interval_s, sooner when the step asks (requeue_after)."""
+    """The one reconcile loop per object (started when it appears, on create and on operator restart):
+    every resync_interval_s, sooner when the step asks (requeue_after) or the spec changes."""
     ctl: controller.Controller = memo.controller
+    owner = controller.owner_of(body)
+    wakeup = ctl.wakeup(owner.namespace, owner.name)
     while not stopped:
+        wakeup.clear()
         outcome = await controller.reconcile_once(body, ctl)
         delay = ctl.settings.resync_interval_s
         if outcome.requeue_after is not None:
             delay = max(0.05, min(delay, outcome.requeue_after))
-        await stopped.wait(delay)
-        await asyncio.sleep(0)
+        woken, timer = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait(delay))
+        try:
+            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
 
 
 @kopf.on.delete(*_RESOURCE)

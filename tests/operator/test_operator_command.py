@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
     command = [
         sys.executable, "-m", "helios_operator.cli", "operator", "--standalone",
         "--prometheus-url", f"http://127.0.0.1:{dead_prometheus}",  # from a flag
-        "--query-timeout-s", "0.5", "--resync-interval-s", "0.5",
+        "--query-timeout-s", "0.5", "--resync-interval-s", "60",  # spec changes must not wait for it
     ]  # fmt: skip
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
@@ -90,6 +91,17 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
 
         own = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert f'helios_operator_metrics_available{{deployment="{HD}",namespace="{NS}"}} 0.0' in own
+
+        # A spec change wakes the loop at once (the step's own requeue while profiling is 5 s).
+        candidates = [*_body()["spec"]["candidates"], {"name": "c", "model": "/models/c"}]  # type: ignore[index]
+        fake_cluster.patch(fake_cluster.hd_path(NS, HD), {"spec": {"candidates": candidates}})
+        patched = time.monotonic()
+        fake_cluster.wait_for(
+            "the new candidate's profiling worker",
+            lambda: len(fake_cluster.items(fake_cluster.deployment_path(NS))) >= 3,
+            timeout=10,
+        )
+        assert time.monotonic() - patched < 3.0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
