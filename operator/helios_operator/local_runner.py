@@ -181,7 +181,7 @@ class LocalRunner:
         self._on_tick = on_tick
 
     async def tick(self) -> Tick:
-        """One reconcile: the same order the operator's timer uses."""
+        """One reconcile: the same order as the operator's resync loop."""
         observed = await self.platform.observe()
         telemetry = await self._telemetry(self.platform)
         inp = StepInput(
