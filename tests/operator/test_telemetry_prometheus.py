@@ -70,14 +70,7 @@ async def test_prometheus_path_computes_profiles_from_contract_series_and_report
         assert (await query_prometheus(prom.url, "another", namespace=NS)).reason == "Missing"
         # Stale: the newest sample is older than stale_after_s (here: any sample is).
         assert (await query_prometheus(prom.url, HD, namespace=NS, stale_after_s=1e-6)).reason == "Stale"
-        prom.stop()
-        outage = await query_prometheus(prom.url, HD, namespace=NS, timeout_s=1)
-        assert outage.reason == "PrometheusError"
-        result = reconcile.step(_serving_input(outage))
-        metrics = result.status.condition("MetricsAvailable")
-        assert metrics is not None and metrics.status == "False" and metrics.reason == "PrometheusError"
-        assert result.status.phase == "Serving" and result.status.target is None
-        assert [type(a).__name__ for a in result.actions if type(a).__name__ != "EmitEvent"] == []
+        await _stopping_prometheus_blocks_rolls(prom)
     finally:
         prom.stop()
         exporter.stop()
@@ -120,16 +113,21 @@ async def test_prometheus_returns_the_workers_real_exit_distributions_and_an_out
 
             # Prometheus goes away mid-run: PrometheusError, MetricsAvailable=False, and the step
             # keeps serving from what it has instead of rolling.
-            prom.stop()
-            outage = await query_prometheus(prom.url, HD, namespace=NS, timeout_s=1)
-            assert outage.reason == "PrometheusError"
-            result = reconcile.step(_serving_input(outage))
-            metrics = result.status.condition("MetricsAvailable")
-            assert metrics is not None and metrics.status == "False" and metrics.reason == "PrometheusError"
-            assert result.status.phase == "Serving" and result.status.target is None
-            assert [type(a).__name__ for a in result.actions if type(a).__name__ != "EmitEvent"] == []
+            await _stopping_prometheus_blocks_rolls(prom)
         finally:
             prom.stop()
+
+
+async def _stopping_prometheus_blocks_rolls(prom: PrometheusServer) -> None:
+    """Prometheus goes away: PrometheusError, MetricsAvailable=False, and the step keeps serving."""
+    prom.stop()
+    outage = await query_prometheus(prom.url, HD, namespace=NS, timeout_s=1)
+    assert outage.reason == "PrometheusError"
+    result = reconcile.step(_serving_input(outage))
+    metrics = result.status.condition("MetricsAvailable")
+    assert metrics is not None and metrics.status == "False" and metrics.reason == "PrometheusError"
+    assert result.status.phase == "Serving" and result.status.target is None
+    assert [type(a).__name__ for a in result.actions if type(a).__name__ != "EmitEvent"] == []
 
 
 def _serving_input(telemetry: object) -> StepInput:
