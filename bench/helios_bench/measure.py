@@ -164,15 +164,15 @@ def bandwidth_fraction(
     observer = ServeObserver()
     system = make(batch, observer)
     try:
-        tps, tokens, method = decode_speed(system, prompts, batch=batch, new_tokens=new_tokens, device=device,
-                                           repeats=repeats)
+        tps, tokens, method = decode_speed(
+            system, prompts, batch=batch, new_tokens=new_tokens, device=device, repeats=repeats
+        )
     finally:
         system.close()
     layers = observer.mean_layers_per_step(float(sizes.loaded_layers)) if early_exit else float(sizes.loaded_layers)
     rows = cycle(prompts, batch)
     mean_context = sum(len(p) for p in rows) / len(rows) + new_tokens / 2
-    bound = bandwidth_bound(sizes, batch=batch, layers_per_step=layers, mean_context=mean_context,
-                            bandwidth=bandwidth)
+    bound = bandwidth_bound(sizes, batch=batch, layers_per_step=layers, mean_context=mean_context, bandwidth=bandwidth)
     return {
         "tokens_per_second": tps,
         "decode_tokens": tokens,

@@ -85,48 +85,102 @@ def _objectives(text: str) -> tuple[Objective, ...]:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchOptions()
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
-                        help="where to run everything (auto: CUDA when a GPU is visible)")
-    parser.add_argument("--presets", type=_name_list, default=d.presets,
-                        help="model family, comma-separated, at least two sizes "
-                        f"(default: {','.join(CPU_PRESETS)} on CPU, {','.join(GPU_PRESETS)} on CUDA)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=d.device,
+        help="where to run everything (auto: CUDA when a GPU is visible)",
+    )
+    parser.add_argument(
+        "--presets",
+        type=_name_list,
+        default=d.presets,
+        help="model family, comma-separated, at least two sizes "
+        f"(default: {','.join(CPU_PRESETS)} on CPU, {','.join(GPU_PRESETS)} on CUDA)",
+    )
     parser.add_argument("--out", type=Path, default=d.out, help="directory for bench.json and bench.png")
     parser.add_argument("--quick", action="store_true", help="CI sizes: few prompts, short outputs, small batches")
-    parser.add_argument("--batches", type=_int_list, default=d.batches,
-                        help="batch sizes at which the memory-bandwidth-bound fraction is measured")
+    parser.add_argument(
+        "--batches",
+        type=_int_list,
+        default=d.batches,
+        help="batch sizes at which the memory-bandwidth-bound fraction is measured",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="tokens generated per request")
-    parser.add_argument("--results-md", type=Path, default=d.results_md,
-                        help="the results log a dated entry is appended to")
+    parser.add_argument(
+        "--results-md", type=Path, default=d.results_md, help="the results log a dated entry is appended to"
+    )
     parser.add_argument("--no-results-md", action="store_true", help="append no entry to any results log")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed for training, prompts and arrivals")
-    parser.add_argument("--objectives", type=_objectives, default=d.objectives,
-                        help="objectives the policy chooses for (throughput,latency,energy)")
-    parser.add_argument("--accuracy-floor", type=float, default=d.accuracy_floor,
-                        help="minimum agreement with the full model's tokens, as in spec.accuracyFloor")
+    parser.add_argument(
+        "--objectives",
+        type=_objectives,
+        default=d.objectives,
+        help="objectives the policy chooses for (throughput,latency,energy)",
+    )
+    parser.add_argument(
+        "--accuracy-floor",
+        type=float,
+        default=d.accuracy_floor,
+        help="minimum agreement with the full model's tokens, as in spec.accuracyFloor",
+    )
     parser.add_argument("--threshold", type=float, default=d.confidence_threshold, help="exit confidence threshold")
     parser.add_argument("--breach-window", type=int, default=d.breach_window, help="tokens in the breach window")
     parser.add_argument("--breach-limit", type=int, default=d.breach_limit, help="breaches that trigger adaptation")
     parser.add_argument("--prompts", type=int, default=d.prompts, help="evaluation prompts (half easy, half hard)")
-    parser.add_argument("--profile-requests", type=int, default=d.profile_requests,
-                        help="profiling requests per candidate, at full depth")
-    parser.add_argument("--latency-requests", type=int, default=d.latency_requests,
-                        help="requests played at a fixed rate for the latency percentiles")
-    parser.add_argument("--rate", type=float, default=d.rate,
-                        help="request rate (1/s) of the latency run (default: 0.8 x the static baseline's capacity)")
-    parser.add_argument("--memory-budget-bytes", type=int, default=d.memory_budget_bytes,
-                        help="memory budget for weights + KV cache (default: the static baseline's weights "
-                        "+ KV for --budget-batch rows)")
-    parser.add_argument("--budget-batch", type=int, default=d.budget_batch,
-                        help="rows the static baseline fits in the default memory budget")
-    parser.add_argument("--max-run-batch", type=int, default=d.max_run_batch,
-                        help="largest batch actually run for throughput")
-    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
-                        help="tokens per row when timing decode for the bandwidth-bound fraction")
-    parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
-                        help="torch threads for CPU runs (default 1: timings stay comparable on a shared machine)")
+    parser.add_argument(
+        "--profile-requests",
+        type=int,
+        default=d.profile_requests,
+        help="profiling requests per candidate, at full depth",
+    )
+    parser.add_argument(
+        "--latency-requests",
+        type=int,
+        default=d.latency_requests,
+        help="requests played at a fixed rate for the latency percentiles",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=d.rate,
+        help="request rate (1/s) of the latency run (default: 0.8 x the static baseline's capacity)",
+    )
+    parser.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        default=d.memory_budget_bytes,
+        help="memory budget for weights + KV cache (default: the static baseline's weights "
+        "+ KV for --budget-batch rows)",
+    )
+    parser.add_argument(
+        "--budget-batch",
+        type=int,
+        default=d.budget_batch,
+        help="rows the static baseline fits in the default memory budget",
+    )
+    parser.add_argument(
+        "--max-run-batch", type=int, default=d.max_run_batch, help="largest batch actually run for throughput"
+    )
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=d.decode_tokens,
+        help="tokens per row when timing decode for the bandwidth-bound fraction",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=d.cpu_threads,
+        help="torch threads for CPU runs (default 1: timings stay comparable on a shared machine)",
+    )
     parser.add_argument("--train-steps", type=int, default=d.train_steps, help="override each preset's training steps")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
-                        help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=d.dtype,
+        help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
 
 
 def bench_options_from_args(ns: argparse.Namespace) -> BenchOptions:
@@ -169,8 +223,17 @@ def validate(options: BenchOptions) -> None:
         raise ValueError("--threshold must be in (0, 1)")
     if not 1 <= options.breach_limit < options.breach_window:
         raise ValueError("--breach-limit must be at least 1 and below --breach-window")
-    positive = ("cpu_threads", "max_new_tokens", "decode_tokens", "decode_repeats", "prompts", "profile_requests",
-                "latency_requests", "budget_batch", "max_run_batch")
+    positive = (
+        "cpu_threads",
+        "max_new_tokens",
+        "decode_tokens",
+        "decode_repeats",
+        "prompts",
+        "profile_requests",
+        "latency_requests",
+        "budget_batch",
+        "max_run_batch",
+    )
     for name in positive:
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -56,8 +56,14 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
         ratio = safe_ratio(s, h) if lower_better else safe_ratio(h, s)
         rows.append(Ratio(key, metric, h, s, p, ratio, target, "x"))
 
-    versus("throughput", "throughput at max batch in budget (tok/s), HELIOS/static", "throughput",
-           "tokens_per_second", 2.2, False)
+    versus(
+        "throughput",
+        "throughput at max batch in budget (tok/s), HELIOS/static",
+        "throughput",
+        "tokens_per_second",
+        2.2,
+        False,
+    )
     versus("per_token_p50", "p50 per-token latency (s), static/HELIOS", "latency", "per_token_p50_s", 1.5, True)
     versus("per_token_p95", "p95 per-token latency (s), static/HELIOS", "latency", "per_token_p95_s", None, True)
     versus("ttft_p50", "p50 time to first token (s), static/HELIOS", "latency", "ttft_p50_s", None, True)
@@ -66,8 +72,19 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
     if energy["available"]:
         versus("tokens_per_joule", "tokens per joule, HELIOS/static", "energy", "tokens_per_joule", 1.3, False)
     else:
-        rows.append(Ratio("tokens_per_joule", "tokens per joule, HELIOS/static", None, None, None, None, 1.3, "x",
-                          note=f"unavailable: {energy['reason']}"))
+        rows.append(
+            Ratio(
+                "tokens_per_joule",
+                "tokens per joule, HELIOS/static",
+                None,
+                None,
+                None,
+                None,
+                1.3,
+                "x",
+                note=f"unavailable: {energy['reason']}",
+            )
+        )
     versus("max_batch", "max batch in memory budget, HELIOS/static", "max_batch", "max_batch", 4.0, False)
     versus("resident_weights", "resident weight bytes, static/HELIOS", "memory", "resident_weight_bytes", None, True)
 
@@ -75,32 +92,100 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
     helios_acc = data["sections"]["accuracy"]["helios"]
     low, high = helios_acc.get("agreement_ci95", (None, None))
     interval = f"95% interval {low:.3f}-{high:.3f} over {helios_acc['tokens']} tokens" if low is not None else ""
-    rows.append(Ratio("agreement", "agreement with the full model's tokens (HELIOS)", agreement,
-                      g("accuracy", "static", "agreement"), g("accuracy", "generate", "agreement"),
-                      agreement, 0.98, "fraction", note=interval))
+    rows.append(
+        Ratio(
+            "agreement",
+            "agreement with the full model's tokens (HELIOS)",
+            agreement,
+            g("accuracy", "static", "agreement"),
+            g("accuracy", "generate", "agreement"),
+            agreement,
+            0.98,
+            "fraction",
+            note=interval,
+        )
+    )
     largest = g("accuracy", "helios", "agreement_with_largest")
-    rows.append(Ratio("agreement_with_largest", "agreement with the largest candidate's tokens (HELIOS)", largest,
-                      g("accuracy", "static", "agreement_with_largest"),
-                      g("accuracy", "generate", "agreement_with_largest"), largest, None, "fraction"))
+    rows.append(
+        Ratio(
+            "agreement_with_largest",
+            "agreement with the largest candidate's tokens (HELIOS)",
+            largest,
+            g("accuracy", "static", "agreement_with_largest"),
+            g("accuracy", "generate", "agreement_with_largest"),
+            largest,
+            None,
+            "fraction",
+        )
+    )
     em_h, em_s = g("accuracy", "helios", "exact_match"), g("accuracy", "static", "exact_match")
     em_diff = None if em_h is None or em_s is None else 100.0 * (em_h - em_s)
-    rows.append(Ratio("exact_match", "exact match, HELIOS - static (points)", em_h, em_s,
-                      g("accuracy", "generate", "exact_match"), em_diff, -1.0, "points"))
+    rows.append(
+        Ratio(
+            "exact_match",
+            "exact match, HELIOS - static (points)",
+            em_h,
+            em_s,
+            g("accuracy", "generate", "exact_match"),
+            em_diff,
+            -1.0,
+            "points",
+        )
+    )
 
     for batch, target in zip(batches, _bandwidth_targets(batches), strict=True):
         bw = data["sections"]["bandwidth"]["batches"].get(str(batch), {})
         frac = {c: (bw.get(c) or {}).get("fraction") for c in ("helios", "static", "generate")}
-        rows.append(Ratio(f"bandwidth_static_b{batch}", f"engine's fraction of bandwidth bound, batch {batch} (static)",
-                          frac["helios"], frac["static"], frac["generate"], frac["static"], target, "fraction"))
-        rows.append(Ratio(f"bandwidth_helios_b{batch}", f"engine's fraction of bandwidth bound, batch {batch} (HELIOS)",
-                          frac["helios"], frac["static"], frac["generate"], frac["helios"], target, "fraction"))
+        rows.append(
+            Ratio(
+                f"bandwidth_static_b{batch}",
+                f"engine's fraction of bandwidth bound, batch {batch} (static)",
+                frac["helios"],
+                frac["static"],
+                frac["generate"],
+                frac["static"],
+                target,
+                "fraction",
+            )
+        )
+        rows.append(
+            Ratio(
+                f"bandwidth_helios_b{batch}",
+                f"engine's fraction of bandwidth bound, batch {batch} (HELIOS)",
+                frac["helios"],
+                frac["static"],
+                frac["generate"],
+                frac["helios"],
+                target,
+                "fraction",
+            )
+        )
         tps = {c: (bw.get(c) or {}).get("tokens_per_second") for c in ("helios", "static", "generate")}
-        rows.append(Ratio(f"engine_vs_generate_b{batch}", f"decode tok/s at batch {batch}, static engine/generate",
-                          tps["helios"], tps["static"], tps["generate"], safe_ratio(tps["static"], tps["generate"]),
-                          1.0, "x"))
+        rows.append(
+            Ratio(
+                f"engine_vs_generate_b{batch}",
+                f"decode tok/s at batch {batch}, static engine/generate",
+                tps["helios"],
+                tps["static"],
+                tps["generate"],
+                safe_ratio(tps["static"], tps["generate"]),
+                1.0,
+                "x",
+            )
+        )
     h, s, p = (g("throughput", c, "tokens_per_second") for c in ("helios", "static", "generate"))
-    rows.append(Ratio("engine_vs_generate", "throughput, static engine/generate (same model, same batch)", h, s, p,
-                      safe_ratio(s, p), 1.0, "x"))
+    rows.append(
+        Ratio(
+            "engine_vs_generate",
+            "throughput, static engine/generate (same model, same batch)",
+            h,
+            s,
+            p,
+            safe_ratio(s, p),
+            1.0,
+            "x",
+        )
+    )
     rows.append(Ratio("helios_vs_generate", "throughput, HELIOS/generate", h, s, p, safe_ratio(h, p), None, "x"))
     return rows
 
@@ -177,8 +262,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_plot(rows: list[Ratio], exit_layers: dict[str, int], depth: int, first_confident: list[float],
-               title: str, path: Path) -> None:
+def write_plot(
+    rows: list[Ratio], exit_layers: dict[str, int], depth: int, first_confident: list[float], title: str, path: Path
+) -> None:
     """Bars of the HELIOS-vs-baseline ratios (targets marked) and the exit-layer distribution."""
     import matplotlib
 
@@ -202,8 +288,9 @@ def write_plot(rows: list[Ratio], exit_layers: dict[str, int], depth: int, first
 
     layers = sorted(int(k) for k in exit_layers)
     total = sum(exit_layers.values()) or 1
-    ax_exit.bar([x - 0.2 for x in layers], [exit_layers[str(x)] / total for x in layers], width=0.4,
-                label="served: exit layer")
+    ax_exit.bar(
+        [x - 0.2 for x in layers], [exit_layers[str(x)] / total for x in layers], width=0.4, label="served: exit layer"
+    )
     if first_confident:
         xs = list(range(1, len(first_confident) + 1))
         ax_exit.bar([x + 0.2 for x in xs], first_confident, width=0.4, label="profiling: first confident layer")
@@ -229,9 +316,12 @@ def results_entry(data: dict[str, Any], rows: list[Ratio]) -> str:
     events = data["helios"]["adaptations"]
     applied = sum(1 for e in events if e["to"] is not None)
     chosen = "; ".join(
-        f"{obj}: {c['candidate']}@{c['depth']}" + (f" -> {c['final']['candidate']}@{c['final']['depth']}"
-                                                   if (c["final"]["candidate"], c["final"]["depth"])
-                                                   != (c["candidate"], c["depth"]) else "")
+        f"{obj}: {c['candidate']}@{c['depth']}"
+        + (
+            f" -> {c['final']['candidate']}@{c['final']['depth']}"
+            if (c["final"]["candidate"], c["final"]["depth"]) != (c["candidate"], c["depth"])
+            else ""
+        )
         for obj, c in data["helios"]["choices"].items()
     )
     lines = [

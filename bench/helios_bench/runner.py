@@ -139,9 +139,18 @@ class Bench:
             loaded_layers=int(model.loaded_layers),
         )
 
-    def engine(self, model: Any, *, exits: bool, max_batch: int, kv_budget: int | None = None,
-               observer: Any = None, profile: bool = False, ignore_eos: bool = False,
-               max_context: int | None = None) -> EngineSystem:
+    def engine(
+        self,
+        model: Any,
+        *,
+        exits: bool,
+        max_batch: int,
+        kv_budget: int | None = None,
+        observer: Any = None,
+        profile: bool = False,
+        ignore_eos: bool = False,
+        max_context: int | None = None,
+    ) -> EngineSystem:
         return EngineSystem(
             model,
             threshold=self.o.confidence_threshold if exits else NO_EXIT_THRESHOLD,
@@ -284,8 +293,9 @@ class Bench:
         )
         return profile
 
-    def _serve_eval(self, start: Placement, profiles: tuple[CandidateProfile, ...], objective: Objective,
-                    cost: policy.CostModel) -> Served:
+    def _serve_eval(
+        self, start: Placement, profiles: tuple[CandidateProfile, ...], objective: Objective, cost: policy.CostModel
+    ) -> Served:
         """The evaluation prompts in chunks; after each, the breach rule, as the operator applies it."""
         exit_spec = ExitSpec(self.o.confidence_threshold, self.o.breach_window, self.o.breach_limit)
         placement = start
@@ -302,17 +312,27 @@ class Bench:
                 out.served_by += [placement.candidate] * len(chunk)
                 requests_ok += len(chunk)
                 telemetry = WorkerTelemetry(
-                    worker="bench", candidate=placement.candidate, depth=placement.depth,
-                    model_layers=self.layers[placement.candidate], requests_ok=float(requests_ok),
-                    generated_tokens=float(observer.tokens), breach_ratio=system.breach_ratio,
+                    worker="bench",
+                    candidate=placement.candidate,
+                    depth=placement.depth,
+                    model_layers=self.layers[placement.candidate],
+                    requests_ok=float(requests_ok),
+                    generated_tokens=float(observer.tokens),
+                    breach_ratio=system.breach_ratio,
                     window_tokens=float(observer.window_tokens),
                 )
                 if not policy.breach_triggered(telemetry, exit_spec):
                     continue
-                adaptation = policy.adapt(profiles, placement.candidate, placement.depth, objective,
-                                          self.o.accuracy_floor, cost)
-                event = {"after_requests": requests_ok, "from": asdict(placement),
-                         "breach_ratio": system.breach_ratio, "reason": adaptation.reason, "to": None}
+                adaptation = policy.adapt(
+                    profiles, placement.candidate, placement.depth, objective, self.o.accuracy_floor, cost
+                )
+                event = {
+                    "after_requests": requests_ok,
+                    "from": asdict(placement),
+                    "breach_ratio": system.breach_ratio,
+                    "reason": adaptation.reason,
+                    "to": None,
+                }
                 if adaptation.choice is not None:
                     placement = Placement(adaptation.choice.candidate, adaptation.choice.depth)
                     event["to"] = asdict(placement)
@@ -350,8 +370,12 @@ class Bench:
                 f"{sizes.resident_weight_bytes} bytes of weights; raise --memory-budget-bytes"
             )
         run_batch = min(max_batch, self.o.max_run_batch)
-        return {"max_batch": max_batch, "run_batch": run_batch, "capped": run_batch < max_batch,
-                "budget_bytes": self.budget}
+        return {
+            "max_batch": max_batch,
+            "run_batch": run_batch,
+            "capped": run_batch < max_batch,
+            "budget_bytes": self.budget,
+        }
 
     def _waves(self) -> int:
         return 2 if self.o.quick else 4
@@ -362,50 +386,82 @@ class Bench:
             model, exits=exits, max_batch=batches["run_batch"], kv_budget=self.budget - sizes.resident_weight_bytes
         )
         try:
-            tp = throughput(system, self.eval_prompts, batch=system.slots, waves=self._waves(),
-                            max_new_tokens=self.o.max_new_tokens, device=self.device, energy=self.energy)
+            tp = throughput(
+                system,
+                self.eval_prompts,
+                batch=system.slots,
+                waves=self._waves(),
+                max_new_tokens=self.o.max_new_tokens,
+                device=self.device,
+                energy=self.energy,
+            )
             kv_bytes = system.kv_cache_bytes
         finally:
             system.close()
-        memory = {"resident_weight_bytes": sizes.resident_weight_bytes, "kv_cache_bytes": kv_bytes,
-                  "total_bytes": sizes.resident_weight_bytes + kv_bytes,
-                  "peak_allocated_bytes": tp.pop("peak_allocated_bytes")}
+        memory = {
+            "resident_weight_bytes": sizes.resident_weight_bytes,
+            "kv_cache_bytes": kv_bytes,
+            "total_bytes": sizes.resident_weight_bytes + kv_bytes,
+            "peak_allocated_bytes": tp.pop("peak_allocated_bytes"),
+        }
 
         def make(batch: int, observer: ServeObserver) -> System:
-            return self.engine(model, exits=exits, max_batch=batch, observer=observer, ignore_eos=True,
-                               max_context=self.decode_context)
+            return self.engine(
+                model, exits=exits, max_batch=batch, observer=observer, ignore_eos=True, max_context=self.decode_context
+            )
 
         bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=exits) for b in self.o.batches}
         return {"throughput": tp, "max_batch": batches, "memory": memory, "bandwidth": bw, "sizes": asdict(sizes)}
 
     def _bandwidth(self, make: Any, sizes: Sizes, batch: int, bandwidth: float, *, early_exit: bool) -> dict[str, Any]:
-        result = bandwidth_fraction(make, sizes, self.eval_prompts, batch=batch, new_tokens=self.o.decode_tokens,
-                                    bandwidth=bandwidth, device=self.device, early_exit=early_exit,
-                                    repeats=self.o.decode_repeats)
-        self.log(f"  decode at batch {batch}: {result['tokens_per_second']:.1f} tok/s, "
-                 f"{result['fraction'] * 100:.1f}% of the bandwidth bound")
+        result = bandwidth_fraction(
+            make,
+            sizes,
+            self.eval_prompts,
+            batch=batch,
+            new_tokens=self.o.decode_tokens,
+            bandwidth=bandwidth,
+            device=self.device,
+            early_exit=early_exit,
+            repeats=self.o.decode_repeats,
+        )
+        self.log(
+            f"  decode at batch {batch}: {result['tokens_per_second']:.1f} tok/s, "
+            f"{result['fraction'] * 100:.1f}% of the bandwidth bound"
+        )
         return result
 
     def _latency_engine(self, model: Any, sizes: Sizes, *, exits: bool, run_batch: int) -> dict[str, Any]:
-        system = self.engine(model, exits=exits, max_batch=run_batch,
-                             kv_budget=self.budget - sizes.resident_weight_bytes)
+        system = self.engine(
+            model, exits=exits, max_batch=run_batch, kv_budget=self.budget - sizes.resident_weight_bytes
+        )
         try:
             return latency(system, self.arrivals, cycle(self.eval_prompts, len(self.arrivals)), self.o.max_new_tokens)
         finally:
             system.close()
 
     def _measure_generate(self, model: Any, sizes: Sizes, bandwidth: float) -> dict[str, Any]:
-        from helios_worker.engine.scheduler import _eos_ids
+        from helios_worker.engine.engine import eos_ids
 
-        eos = sorted(_eos_ids(model))
+        eos = sorted(eos_ids(model))
         batches = self._batches(sizes, scratch_slot=False)
         system = GenerateSystem(model.hf_model, model.tokenizer, self.device, eos, batches["run_batch"])
-        tp = throughput(system, self.eval_prompts, batch=batches["run_batch"], waves=self._waves(),
-                        max_new_tokens=self.o.max_new_tokens, device=self.device, energy=self.energy)
+        tp = throughput(
+            system,
+            self.eval_prompts,
+            batch=batches["run_batch"],
+            waves=self._waves(),
+            max_new_tokens=self.o.max_new_tokens,
+            device=self.device,
+            energy=self.energy,
+        )
         kv_bytes = batches["run_batch"] * sizes.kv_bytes_per_token * self.context
-        memory = {"resident_weight_bytes": sizes.resident_weight_bytes, "kv_cache_bytes": kv_bytes,
-                  "total_bytes": sizes.resident_weight_bytes + kv_bytes,
-                  "peak_allocated_bytes": tp.pop("peak_allocated_bytes")}
+        memory = {
+            "resident_weight_bytes": sizes.resident_weight_bytes,
+            "kv_cache_bytes": kv_bytes,
+            "total_bytes": sizes.resident_weight_bytes + kv_bytes,
+            "peak_allocated_bytes": tp.pop("peak_allocated_bytes"),
+        }
 
         def make(batch: int, observer: ServeObserver) -> System:
             return GenerateSystem(model.hf_model, model.tokenizer, self.device, eos, batch, ignore_eos=True)
@@ -413,8 +469,15 @@ class Bench:
         bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=False) for b in self.o.batches}
         lat = latency(system, self.arrivals, cycle(self.eval_prompts, len(self.arrivals)), self.o.max_new_tokens)
         outputs = system.run_batch(self.eval_prompts, self.o.max_new_tokens)
-        return {"throughput": tp, "max_batch": batches, "memory": memory, "bandwidth": bw, "latency": lat,
-                "sizes": asdict(sizes), "outputs": outputs}
+        return {
+            "throughput": tp,
+            "max_batch": batches,
+            "memory": memory,
+            "bandwidth": bw,
+            "latency": lat,
+            "sizes": asdict(sizes),
+            "outputs": outputs,
+        }
 
     # ---- the report ---------------------------------------------------------------------------
 
@@ -477,22 +540,37 @@ class Bench:
             "tokens": sum(len(c.token_ids) for c in completions),
         }
 
-    def _assemble(self, info: Any, bandwidth: float, profiles: tuple[CandidateProfile, ...],
-                  choices: dict[Objective, policy.Choice | None], served: dict[Placement, Served],
-                  final_of: dict[Objective, Placement], measured: dict[str, dict[str, Any]],
-                  by_placement: dict[Placement, dict[str, Any]]) -> dict[str, Any]:
+    def _assemble(
+        self,
+        info: Any,
+        bandwidth: float,
+        profiles: tuple[CandidateProfile, ...],
+        choices: dict[Objective, policy.Choice | None],
+        served: dict[Placement, Served],
+        final_of: dict[Objective, Placement],
+        measured: dict[str, dict[str, Any]],
+        by_placement: dict[Placement, dict[str, Any]],
+    ) -> dict[str, Any]:
         o = self.o
         objective_of_metric: dict[str, Objective] = {
-            "throughput": "throughput", "max_batch": "throughput", "memory": "throughput", "bandwidth": "throughput",
-            "latency": "latency", "energy": "energy", "accuracy": "throughput",
+            "throughput": "throughput",
+            "max_batch": "throughput",
+            "memory": "throughput",
+            "bandwidth": "throughput",
+            "latency": "latency",
+            "energy": "energy",
+            "accuracy": "throughput",
         }
         first = o.objectives[0]
 
         def helios_for(section: str) -> Placement:
             return final_of.get(objective_of_metric[section], final_of[first])
 
-        accuracy: dict[str, Any] = {"floor": o.accuracy_floor, "prompts": len(self.eval_prompts),
-                                    "tie_tolerance": self.tie_tolerance}
+        accuracy: dict[str, Any] = {
+            "floor": o.accuracy_floor,
+            "prompts": len(self.eval_prompts),
+            "tie_tolerance": self.tie_tolerance,
+        }
         helios_accuracy: dict[str, dict[str, Any]] = {}
         for start, s in served.items():
             helios_accuracy[f"{start.candidate}@{start.depth}"] = self._accuracy(s.completions, s.served_by)
@@ -507,13 +585,19 @@ class Bench:
 
         sections: dict[str, Any] = {}
         for section in ("throughput", "max_batch", "memory", "latency"):
-            sections[section] = {"static": measured["static"][section], "generate": measured["generate"][section],
-                                 "helios": by_placement[helios_for(section)][section]}
+            sections[section] = {
+                "static": measured["static"][section],
+                "generate": measured["generate"][section],
+                "helios": by_placement[helios_for(section)][section],
+            }
         sections["latency"]["rate_rps"] = self.rate
         sections["latency"]["requests"] = len(self.arrivals)
         energy: dict[str, Any] = {"available": self.energy.available, "reason": self.energy.reason or None}
-        for name, m in (("static", measured["static"]), ("generate", measured["generate"]),
-                        ("helios", by_placement[helios_for("energy")])):
+        for name, m in (
+            ("static", measured["static"]),
+            ("generate", measured["generate"]),
+            ("helios", by_placement[helios_for("energy")]),
+        ):
             tp = m["throughput"]
             energy[name] = {"joules": tp["joules"], "tokens_per_joule": tp["tokens_per_joule"]}
         sections["energy"] = energy
@@ -521,13 +605,21 @@ class Bench:
         bw_helios = by_placement[helios_for("bandwidth")]["bandwidth"]
         sections["bandwidth"] = {
             "bytes_per_second": bandwidth,
-            "batches": {str(b): {"static": measured["static"]["bandwidth"][str(b)],
-                                 "generate": measured["generate"]["bandwidth"][str(b)],
-                                 "helios": bw_helios[str(b)]} for b in o.batches},
+            "batches": {
+                str(b): {
+                    "static": measured["static"]["bandwidth"][str(b)],
+                    "generate": measured["generate"]["bandwidth"][str(b)],
+                    "helios": bw_helios[str(b)],
+                }
+                for b in o.batches
+            },
         }
         final = helios_for("throughput")
-        served_final = next(s for s in served.values() if s.final == final) if any(
-            s.final == final for s in served.values()) else next(iter(served.values()))
+        served_final = (
+            next(s for s in served.values() if s.final == final)
+            if any(s.final == final for s in served.values())
+            else next(iter(served.values()))
+        )
         return {
             "meta": {
                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -544,15 +636,29 @@ class Bench:
                 "bandwidth_bytes_per_second": bandwidth,
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
             },
-            "models": {p: {"path": str(self.paths[p]), "layers": self.layers[p], **asdict(self.sizes_full[p])}
-                       for p in self.presets},
+            "models": {
+                p: {"path": str(self.paths[p]), "layers": self.layers[p], **asdict(self.sizes_full[p])}
+                for p in self.presets
+            },
             "profiles": [p.to_dict() for p in profiles],
             "helios": {
-                "choices": {obj: {"candidate": c.candidate, "depth": c.depth, "model_layers": c.model_layers,
-                                  "accuracy": c.accuracy, "reason": c.reason, "final": asdict(final_of[obj])}
-                            for obj, c in choices.items() if c},
-                "final": {"candidate": final.candidate, "depth": final.depth,
-                          "model_layers": self.layers[final.candidate]},
+                "choices": {
+                    obj: {
+                        "candidate": c.candidate,
+                        "depth": c.depth,
+                        "model_layers": c.model_layers,
+                        "accuracy": c.accuracy,
+                        "reason": c.reason,
+                        "final": asdict(final_of[obj]),
+                    }
+                    for obj, c in choices.items()
+                    if c
+                },
+                "final": {
+                    "candidate": final.candidate,
+                    "depth": final.depth,
+                    "model_layers": self.layers[final.candidate],
+                },
                 "adaptations": [a for s in served.values() for a in s.adaptations],
                 "breach_ratio": served_final.breach_ratio,
                 "window_tokens": served_final.window_tokens,
@@ -561,7 +667,7 @@ class Bench:
             },
             "configs": {
                 "helios": f"HELIOS engine: {final.candidate} at {final.depth}/{self.layers[final.candidate]} layers, "
-                          f"exits at confidence {o.confidence_threshold}, breach rule live",
+                f"exits at confidence {o.confidence_threshold}, breach rule live",
                 "static": f"same engine: {self.largest} at all {self.layers[self.largest]} layers, no early exit",
                 "generate": f"transformers model.generate (greedy) on {self.largest}, all layers",
             },
@@ -596,10 +702,10 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     json_path, plot_path = out / "bench.json", out / "bench.png"
     report.write_json(data, rows, json_path)
     final = data["helios"]["final"]
-    report.write_plot(rows, data["helios"]["exit_layers"], final["depth"], data["helios"]["first_confident"],
-                      title, plot_path)
+    report.write_plot(
+        rows, data["helios"]["exit_layers"], final["depth"], data["helios"]["first_confident"], title, plot_path
+    )
     if opts.results_md is not None:
         report.append_results(opts.results_md, report.results_entry(data, rows))
     bench.log(f"wrote {json_path} and {plot_path}" + (f"; appended to {opts.results_md}" if opts.results_md else ""))
     return BenchResult(data, rows, table, json_path, plot_path, opts.results_md)
-

@@ -24,7 +24,7 @@ from helios_worker.engine.api import (
     SamplingParams,
     TokenEvent,
 )
-from helios_worker.engine.scheduler import Engine
+from helios_worker.engine.engine import Engine
 
 NO_EXIT_THRESHOLD = 2.0  # above 1: never confident, every token runs the whole loaded stack
 

@@ -147,8 +147,9 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
     def failed(status: Status, err: Exception) -> Status:
         why = f"{type(err).__name__}: {err}"[:1000]
         return status.with_changes(
-            conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", "PlatformError",
-                                                why, now)
+            conditions=conditions.set_condition(
+                status.conditions, conditions.DEGRADED, "True", "PlatformError", why, now
+            )
         )
 
     # The order survives a kill at any point: the Events (at least once), then the status (what was
@@ -204,7 +205,11 @@ async def _report_spec_error(
 
 
 async def _report_platform_error(
-    platform: KubernetesPlatform, owner: Owner, status: Status, message: str, now: float,
+    platform: KubernetesPlatform,
+    owner: Owner,
+    status: Status,
+    message: str,
+    now: float,
     reason: str = "PlatformError",
 ) -> Outcome:
     new_status = status.with_changes(

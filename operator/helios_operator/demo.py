@@ -308,8 +308,13 @@ class DemoRun:
 
     def _on_event(self, event: LocalEvent) -> None:
         self.record.events.append(
-            {"time": round(event.time - self.record.started, 3), "type": event.type, "reason": event.reason,
-             "message": event.message, "requestIndex": len(self.record.requests)}
+            {
+                "time": round(event.time - self.record.started, 3),
+                "type": event.type,
+                "reason": event.reason,
+                "message": event.message,
+                "requestIndex": len(self.record.requests),
+            }
         )
         mark = "!" if event.type == "Warning" else "·"
         self.display.say(f"{mark} {event.reason}: {event.message}")
@@ -491,8 +496,15 @@ async def _streamed(client: httpx.AsyncClient, body: dict[str, Any], base: Reque
     if not done:
         return replace(base, status=200, finished=time.time(), error="the stream ended without [DONE]")
     return replace(
-        base, ok=True, status=200, finished=time.time(), tokens=len(layers), candidate=candidate, depth=depth,
-        exit_layers=tuple(layers), breaches=breaches,
+        base,
+        ok=True,
+        status=200,
+        finished=time.time(),
+        tokens=len(layers),
+        candidate=candidate,
+        depth=depth,
+        exit_layers=tuple(layers),
+        breaches=breaches,
     )
 
 
@@ -543,8 +555,13 @@ def print_summary(report: dict[str, Any], rich_output: bool, log: Callable[[str]
     header = ("phase", "kind", "s", "requests", "failed", "tokens/s", "mean exit", "served by")
     rows = [
         (
-            p["phase"], p["kind"], f"{p['seconds']:.0f}", str(p["requests"]), str(p["failed"]),
-            f"{p['tokensPerSecond']:.0f}", "-" if p["meanExitLayer"] is None else f"{p['meanExitLayer']:.2f}",
+            p["phase"],
+            p["kind"],
+            f"{p['seconds']:.0f}",
+            str(p["requests"]),
+            str(p["failed"]),
+            f"{p['tokensPerSecond']:.0f}",
+            "-" if p["meanExitLayer"] is None else f"{p['meanExitLayer']:.2f}",
             ", ".join(f"{k} ×{v}" for k, v in p["servedBy"].items()),
         )
         for p in report["phases"]

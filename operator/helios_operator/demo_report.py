@@ -159,14 +159,10 @@ def build_report(record: DemoRecord) -> dict[str, Any]:
         "spec": record.spec,
         "requestsServed": len(record.requests) - len(failed),
         "failedRequests": len(failed),
-        "failures": [
-            {"index": r.index, "phase": r.phase, "status": r.status, "error": r.error} for r in failed[:20]
-        ],
+        "failures": [{"index": r.index, "phase": r.phase, "status": r.status, "error": r.error} for r in failed[:20]],
         "streamedRequests": sum(r.streamed for r in record.requests),
         "phases": phase_summary(record),
-        "decisions": [
-            {**d.decision.to_dict(), "requestIndex": d.request_index} for d in record.decisions
-        ],
+        "decisions": [{**d.decision.to_dict(), "requestIndex": d.request_index} for d in record.decisions],
         "switches": [
             {
                 "time": round(s.time - record.started, 3),

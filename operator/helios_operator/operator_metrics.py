@@ -38,8 +38,9 @@ for _result in RECONCILE_RESULTS:
     RECONCILE_TOTAL.labels(_result)  # export zeros so rate() works from the first scrape
 
 
-def record_reconcile(namespace: str, name: str, status: Status | None, telemetry: TelemetrySnapshot | None,
-                     result: str) -> None:
+def record_reconcile(
+    namespace: str, name: str, status: Status | None, telemetry: TelemetrySnapshot | None, result: str
+) -> None:
     RECONCILE_TOTAL.labels(result).inc()
     if status is not None:
         ROLLOUT_IN_PROGRESS.labels(namespace, name).set(1 if status.phase == "Switching" else 0)

@@ -91,8 +91,17 @@ def test_energy_is_marked_unavailable_on_cpu(bench: tuple[BenchResult, str, Path
 def test_every_measured_ratio_is_finite_and_positive(bench: tuple[BenchResult, str, Path]) -> None:
     ratios = _json(bench)["ratios"]
     keys = {r["key"] for r in ratios}
-    assert {"throughput", "per_token_p50", "ttft_p50", "max_batch", "agreement", "exact_match",
-            "bandwidth_static_b1", "bandwidth_static_b64", "engine_vs_generate"} <= keys
+    assert {
+        "throughput",
+        "per_token_p50",
+        "ttft_p50",
+        "max_batch",
+        "agreement",
+        "exact_match",
+        "bandwidth_static_b1",
+        "bandwidth_static_b64",
+        "engine_vs_generate",
+    } <= keys
     for r in ratios:
         if r["key"] == "tokens_per_joule":
             continue
@@ -120,8 +129,9 @@ def test_helios_placement_is_the_operator_policys_choice(bench: tuple[BenchResul
     data = _json(bench)
     profiles = tuple(CandidateProfile.from_dict(p) for p in data["profiles"])
     assert [p.candidate for p in profiles] == ["micro", "tiny"]
-    cost = policy.CostModel(full_batch=data["meta"]["options"]["budget_batch"],
-                            context_tokens=data["meta"]["context_tokens"])
+    cost = policy.CostModel(
+        full_batch=data["meta"]["options"]["budget_batch"], context_tokens=data["meta"]["context_tokens"]
+    )
     for objective, chosen in data["helios"]["choices"].items():
         expected = policy.choose(profiles, objective, FLOOR, cost)
         assert expected is not None
@@ -177,8 +187,24 @@ def test_a_dated_entry_is_appended_to_the_results_log(bench: tuple[BenchResult, 
 def test_command_line_options_parse_into_bench_options() -> None:
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
-    ns = parser.parse_args(["--quick", "--device", "cpu", "--presets", "tiny,small", "--batches", "1,64",
-                            "--no-results-md", "--max-new-tokens", "8", "--seed", "3", "--objectives", "latency"])
+    ns = parser.parse_args(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--presets",
+            "tiny,small",
+            "--batches",
+            "1,64",
+            "--no-results-md",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "3",
+            "--objectives",
+            "latency",
+        ]
+    )
     options = bench_options_from_args(ns)
     assert options.quick and options.device == "cpu"
     assert options.presets == ("tiny", "small")

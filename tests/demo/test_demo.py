@@ -30,8 +30,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _req(index: int, phase: str, candidate: str, depth: int, layers: tuple[int, ...], ok: bool = True) -> RequestRecord:
     return RequestRecord(
-        index, phase, "easy", ok, 200 if ok else 502, 100.0 + index, 100.5 + index, len(layers) if ok else 0,
-        candidate, depth, layers, 0,
+        index,
+        phase,
+        "easy",
+        ok,
+        200 if ok else 502,
+        100.0 + index,
+        100.5 + index,
+        len(layers) if ok else 0,
+        candidate,
+        depth,
+        layers,
+        0,
     )
 
 

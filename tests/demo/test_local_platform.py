@@ -55,9 +55,7 @@ async def platform(tmp_path: Path) -> AsyncIterator[LocalPlatform]:
         await router.close()
 
 
-async def observe_until(
-    p: LocalPlatform, done: Callable[[Observed], bool], timeout: float = 30.0
-) -> Observed:
+async def observe_until(p: LocalPlatform, done: Callable[[Observed], bool], timeout: float = 30.0) -> Observed:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

@@ -81,8 +81,12 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
 
         metrics = fake_cluster.wait_for(
             "MetricsAvailable=False with reason PrometheusError",
-            lambda: (c := _condition(fake_cluster, "MetricsAvailable")) and c["status"] == "False"
-            and c["reason"] == "PrometheusError" and c,
+            lambda: (
+                (c := _condition(fake_cluster, "MetricsAvailable"))
+                and c["status"] == "False"
+                and c["reason"] == "PrometheusError"
+                and c
+            ),
             timeout=30,
         )
         assert metrics["message"], metrics

@@ -220,8 +220,9 @@ def _assert_clean_end(cluster: FakeCluster, observer: Observer, ns: str, uid: st
     kinds = sorted(_labels(s).get(names.LABEL_SERVICE, "?") for s in services.values())
     assert kinds == sorted([names.SERVICE_STABLE, names.SERVICE_METRICS]), f"{ns}: Services {sorted(services)}"
     for obj in [*deployments.values(), *services.values()]:
-        refs = [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in obj["metadata"].get("ownerReferences")
-                or []]
+        refs = [
+            (r["kind"], r["name"], r["uid"], r.get("controller")) for r in obj["metadata"].get("ownerReferences") or []
+        ]
         assert refs == [(names.KIND, HD, uid, True)], f"{ns}: {obj['metadata']['name']} is not owned by {HD}: {refs}"
     assert not observer.created_twice(ns), f"{ns}: created more than once: {observer.created_twice(ns)}"
     assert not [v for v in observer.violations if v.startswith(f"{ns}:")], observer.violations
@@ -241,8 +242,13 @@ class PlayedDeploymentController:
             if uid in self.seen and (d.get("status") or {}).get("readyReplicas") != want:
                 self.cluster.patch(
                     FakeCluster.deployment_path(self.ns, name) + "/status",
-                    {"status": {"replicas": want, "readyReplicas": want,
-                                "observedGeneration": d["metadata"].get("generation")}},
+                    {
+                        "status": {
+                            "replicas": want,
+                            "readyReplicas": want,
+                            "observedGeneration": d["metadata"].get("generation"),
+                        }
+                    },
                 )
             self.seen.add(uid)
 
@@ -361,8 +367,10 @@ class Life:
         raise AssertionError(f"{self.ns}: the process was never killed")
 
     def decisions(self) -> list[tuple[str, str, int, bool]]:
-        return [(d["trigger"], d["candidate"], d["depth"], d["applied"])
-                for d in _status(self.cluster, self.ns).get("decisions") or []]
+        return [
+            (d["trigger"], d["candidate"], d["depth"], d["applied"])
+            for d in _status(self.cluster, self.ns).get("decisions") or []
+        ]
 
     def events(self) -> collections.Counter[str]:
         events = self.cluster.items(f"/api/v1/namespaces/{self.ns}/events")
@@ -445,10 +453,14 @@ def _worker(name: str, candidate: str, depth: int, role: Role, pool: str, ready:
 
 def _profiled() -> TelemetrySnapshot:
     """Both profile workers have served their requests: profiling completes in this step."""
-    return TelemetrySnapshot("Ok", "", tuple(
-        WorkerTelemetry(naming.profile_worker(HD, 1, c), c, p.model_layers, p.model_layers, 5, 500, 0, 100, p)
-        for c, p in _profiles().items()
-    ))
+    return TelemetrySnapshot(
+        "Ok",
+        "",
+        tuple(
+            WorkerTelemetry(naming.profile_worker(HD, 1, c), c, p.model_layers, p.model_layers, 5, 500, 0, 100, p)
+            for c, p in _profiles().items()
+        ),
+    )
 
 
 def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_the_target() -> None:
@@ -457,11 +469,14 @@ def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_th
     first = _first_worker()
     spec = HeliosSpec.from_dict(_hd("default")["spec"])
     pool = naming.profile_pool(HD, 1)
-    observed = Observed((
-        _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
-        _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
-        _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first, ready=0),
-    ), pool)
+    observed = Observed(
+        (
+            _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+            _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+            _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first, ready=0),
+        ),
+        pool,
+    )
     status = Status(phase="Profiling", profiling_round=1, profiling_since=SINCE)
     result = reconcile.step(StepInput(HD, 1, spec, status, observed, _profiled(), NOW))
     assert result.status.phase == "Switching" and result.status.target is not None
@@ -476,11 +491,14 @@ def test_a_restart_that_lost_two_status_writes_never_moves_the_service_back() ->
     first = _first_worker()
     spec = HeliosSpec.from_dict(_hd("default")["spec"])
     pool = naming.profile_pool(HD, 1)
-    observed = Observed((
-        _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
-        _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
-        _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first),
-    ), first)
+    observed = Observed(
+        (
+            _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+            _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+            _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first),
+        ),
+        first,
+    )
     status = Status(phase="Profiling", profiling_round=1, profiling_since=SINCE)
     result = reconcile.step(StepInput(HD, 1, spec, status, observed, _profiled(), NOW))
     assert result.status.active is not None and result.status.active.worker == first
@@ -610,8 +628,10 @@ def test_the_kopf_operator_sigkilled_after_create_after_the_service_move_and_mid
     points = [
         KillPoint("after creating the first switch's Deployment", _created("deployments", first)),
         KillPoint("after moving the Service", lambda r: r.action == enums.action.UPDATE and _plural(r) == "services"),
-        KillPoint("after the first delete of the drain", lambda r: r.action == enums.action.DELETE
-                  and _plural(r) == "deployments"),
+        KillPoint(
+            "after the first delete of the drain",
+            lambda r: r.action == enums.action.DELETE and _plural(r) == "deployments",
+        ),
     ]
     processes: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
@@ -643,7 +663,8 @@ def test_the_kopf_operator_sigkilled_after_create_after_the_service_move_and_mid
     decisions = [(d["trigger"], d["applied"]) for d in _status(fake_cluster, NS).get("decisions") or []]
     assert decisions == [("profiling", True), ("breach", True)]
     print(
-        "\nkopf operator SIGKILLed 3 times: " + "; ".join(assassin.at_kill)
+        "\nkopf operator SIGKILLed 3 times: "
+        + "; ".join(assassin.at_kill)
         + f"; the 4th process settled {settled_s:.1f}s after its start ({time.monotonic() - started:.1f}s in all; "
         f"Service on a Ready worker at all {observer.checks[NS]} writes)",
         file=sys.__stdout__,

@@ -9,9 +9,9 @@ import torch
 
 from helios_worker.engine.api import EngineConfig, GenerationRequest, SamplingParams
 from helios_worker.engine.blocks import family_of
-from helios_worker.engine.forward import ExitRule, StepResult, decode, prefill
+from helios_worker.engine.engine import Engine
+from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
 from helios_worker.engine.kvcache import KVCache, plan_cache
-from helios_worker.engine.scheduler import Engine
 from helios_worker.engine.testing import HFStack, random_model, random_prompts
 from helios_worker.models.loading import load_partial
 
@@ -53,7 +53,7 @@ def test_decoding_without_exits_equals_generate_on_a_padded_batch(family: str) -
         assert finished.finish_reason == ("stop" if events[-1].token_id == EOS else "length")
 
 
-def run_steps(model: HFStack, threshold: float, early_stop: bool, steps: int) -> tuple[list[StepResult], KVCache]:
+def run_steps(model: HFStack, threshold: float, early_stop: bool, steps: int) -> tuple[list[StepOutput], KVCache]:
     """Prefill two prompts into slots 0 and 1, then greedy-decode them together for `steps` steps."""
     fam = family_of(model)
     plan = plan_cache(

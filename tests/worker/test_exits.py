@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helios_worker.engine.exits import BreachWindow, agreement, confidence, exits_enabled
+from helios_worker.engine.confidence import BreachWindow, agreement, confidence, exits_enabled
 
 
 def test_max_prob_is_the_top_softmax_probability_and_its_token() -> None:

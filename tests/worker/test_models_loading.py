@@ -30,23 +30,47 @@ VOCAB = 64
 
 
 def _llama() -> nn.Module:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _qwen2() -> nn.Module:
-    return Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
-    ))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def _gpt2() -> nn.Module:
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0,
-    ))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 FAMILIES: dict[str, Callable[[], nn.Module]] = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
@@ -210,8 +234,13 @@ def test_directories_that_are_not_causal_lms_are_clear_errors(saved: dict[str, P
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_partial(tmp_path)
     bert = tmp_path / "bert"
-    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-               architectures=["BertForMaskedLM"]).save_pretrained(str(bert))
+    BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        architectures=["BertForMaskedLM"],
+    ).save_pretrained(str(bert))
     with pytest.raises(ModelLoadError, match="not a causal language model"):
         load_partial(bert, 1)
     broken = tmp_path / "broken"

@@ -178,11 +178,11 @@ def build_app(options: WorkerOptions) -> FastAPI:
     import torch
 
     from helios_worker.engine.api import EngineConfig
-    from helios_worker.engine.scheduler import Engine
+    from helios_worker.engine.engine import Engine
+    from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics
     from helios_worker.models.loading import ModelLoadError, load_partial
     from helios_worker.server.app import create_app
     from helios_worker.server.settings import ServerSettings
-    from helios_worker.telemetry import ModelSizes, WorkerIdentity, WorkerTelemetry
 
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"--device {options.device}: CUDA is not available here")
@@ -203,7 +203,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
         profile=options.profile,
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
-    telemetry = WorkerTelemetry(identity, model.model_layers, gpu=gpu)
+    telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
     config = EngineConfig(
         confidence_threshold=options.threshold,
         confidence_measure=options.confidence_measure,
@@ -241,7 +241,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
 
 
 def _open_gpu(device: str) -> Any:
-    from helios_worker.telemetry import NvmlMeter
+    from helios_worker.metrics import NvmlMeter
 
     index = int(device.split(":", 1)[1]) if ":" in device else 0
     return NvmlMeter.open(index)

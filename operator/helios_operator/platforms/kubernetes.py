@@ -363,8 +363,11 @@ class KubernetesPlatform:
     def delete_services(self, owner: Owner, monitor_name: str | None = None) -> None:
         """Delete the stable and metrics Services (and the ServiceMonitor, when one may exist)."""
         services = self.api.request("GET", _services(owner.namespace))
-        paths = [_services(owner.namespace, s["metadata"]["name"]) for s in services.get("items") or []
-                 if _owned_by(s, owner.name)]
+        paths = [
+            _services(owner.namespace, s["metadata"]["name"])
+            for s in services.get("items") or []
+            if _owned_by(s, owner.name)
+        ]
         if monitor_name and self.service_monitors and self.service_monitor_crd_present():
             paths.append(_service_monitors(owner.namespace, monitor_name))
         for path in paths:

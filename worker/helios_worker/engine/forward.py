@@ -17,7 +17,7 @@ import torch
 
 from helios_worker.engine.api import ConfidenceMeasure
 from helios_worker.engine.blocks import Family, Rope, attend
-from helios_worker.engine.exits import confidence, exits_enabled
+from helios_worker.engine.confidence import confidence, exits_enabled
 from helios_worker.engine.kvcache import KVCache
 
 ExitHead = Callable[[torch.Tensor], torch.Tensor]  # hidden [B, hidden] -> logits [B, vocab]
@@ -36,7 +36,7 @@ class ExitRule:
 
 
 @dataclass
-class StepResult:
+class StepOutput:
     """Per row of one step: what to emit and where it exited."""
 
     exit_layer: torch.Tensor  # [B] 1-based layer the token is emitted from
@@ -95,18 +95,18 @@ class ExitTracker:
                 self.exit_hidden = torch.zeros_like(h)
             self.exit_hidden = torch.where(new.view(-1, *([1] * (h.dim() - 1))), h, self.exit_hidden)
 
-    def result(self) -> StepResult:
+    def result(self) -> StepOutput:
         assert self._logits is not None
         exit_layer = torch.clamp(self.first_confident, max=self.layers)
         if self.rule.profile:
             exit_layer = torch.full_like(exit_layer, self.layers)
         tokens = torch.stack(self._layer_tokens) if self._layer_tokens else None
-        return StepResult(
+        return StepOutput(
             exit_layer, self.first_confident, self._conf, self._greedy, self._logits, tokens, self.layers_run
         )
 
 
-def prefill(fam: Family, head: ExitHead, cache: KVCache, rule: ExitRule, slot: int, prompt: torch.Tensor) -> StepResult:
+def prefill(fam: Family, head: ExitHead, cache: KVCache, rule: ExitRule, slot: int, prompt: torch.Tensor) -> StepOutput:
     """Run a prompt [T] through every loaded layer into `slot`; exits decide the first generated token."""
     ids = prompt[None]
     positions = torch.arange(ids.shape[1], device=ids.device)[None]
@@ -146,7 +146,7 @@ def decode(
     positions: torch.Tensor,
     length: int,
     early_stop: bool,
-) -> StepResult:
+) -> StepOutput:
     """One token per row: tokens, positions [B], row i in cache slot i; attention reads `length` positions.
 
     `early_stop` (eager only) ends the step once every row exited, filling the skipped layers' K/V from

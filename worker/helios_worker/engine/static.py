@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from helios_worker.engine.blocks import Family
-from helios_worker.engine.forward import ExitHead, ExitRule, StepResult, decode
+from helios_worker.engine.forward import ExitHead, ExitRule, StepOutput, decode
 from helios_worker.engine.kvcache import KVCache
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{rows} rows exceed the largest bucket {buckets[-1]}")
 
 
-def _rows(result: StepResult, n: int) -> StepResult:
+def _rows(result: StepOutput, n: int) -> StepOutput:
     """The first n rows, copied out of the graph's output buffers before the next replay."""
     tokens = result.layer_tokens[:, :n].clone() if result.layer_tokens is not None else None
-    return StepResult(
+    return StepOutput(
         result.exit_layer[:n].clone(),
         result.first_confident[:n].clone(),
         result.confidence[:n].clone(),
@@ -55,7 +55,7 @@ class _Bucket:
     tokens: torch.Tensor
     positions: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
-    output: StepResult | None = None
+    output: StepOutput | None = None
 
 
 class StaticDecoder:
@@ -75,7 +75,7 @@ class StaticDecoder:
     def captured(self) -> bool:
         return any(b.graph is not None for b in self._static.values())
 
-    def _run(self, bucket: _Bucket) -> StepResult:
+    def _run(self, bucket: _Bucket) -> StepOutput:
         return decode(
             self._fam,
             self._head,
@@ -107,7 +107,7 @@ class StaticDecoder:
             self._pool = graph.pool()
         log.info("captured decode graphs for batch buckets %s", self.buckets)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> StepResult:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> StepOutput:
         n = tokens.shape[0]
         bucket = self._static[bucket_for(n, self.buckets)]
         bucket.tokens.zero_()

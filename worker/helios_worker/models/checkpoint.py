@@ -63,8 +63,7 @@ def open_checkpoint(directory: Path) -> Iterator[Checkpoint]:
         return
     else:
         raise CheckpointError(
-            f"{directory} has no weights: expected model.safetensors, model.safetensors.index.json "
-            "or pytorch_model.bin"
+            f"{directory} has no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
     missing = sorted({str(f) for f in files.values() if not f.is_file()})
     if missing:

@@ -42,9 +42,7 @@ def exit_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def all_exit_logits(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def all_exit_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[layers, batch, seq, vocab] logits of every layer's exit."""
     return torch.stack([exit_logits(model, h) for h in layer_hidden_states(model, input_ids, attention_mask)])
 

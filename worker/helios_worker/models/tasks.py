@@ -17,8 +17,32 @@ Kind = Literal["easy", "hard"]
 KINDS: tuple[Kind, ...] = ("easy", "hard")
 
 WORDS = (
-    "cat", "dog", "sun", "red", "fox", "owl", "sky", "box", "cup", "map", "pen", "hat", "bee",
-    "ant", "elk", "yak", "oak", "sea", "ice", "mud", "jam", "fig", "egg", "car", "bus", "van",
+    "cat",
+    "dog",
+    "sun",
+    "red",
+    "fox",
+    "owl",
+    "sky",
+    "box",
+    "cup",
+    "map",
+    "pen",
+    "hat",
+    "bee",
+    "ant",
+    "elk",
+    "yak",
+    "oak",
+    "sea",
+    "ice",
+    "mud",
+    "jam",
+    "fig",
+    "egg",
+    "car",
+    "bus",
+    "van",
 )
 
 TEMPLATES = (

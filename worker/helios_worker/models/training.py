@@ -127,9 +127,7 @@ def train_model(
     weights = exit_loss_weights(preset.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=0.01)
     data = batches(tokenizer, seed, preset.batch, preset.seq_len)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     started = time.monotonic()
     per_layer: list[float] = []
     for step in range(preset.steps):
@@ -144,8 +142,10 @@ def train_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if log and (step % 100 == 0 or step == preset.steps - 1):
-            log(f"{preset.name} step {step + 1}/{preset.steps} loss {float(loss.detach()):.3f} "
-                f"first/last layer {per_layer[0]:.3f}/{per_layer[-1]:.3f} ({time.monotonic() - started:.0f}s)")
+            log(
+                f"{preset.name} step {step + 1}/{preset.steps} loss {float(loss.detach()):.3f} "
+                f"first/last layer {per_layer[0]:.3f}/{per_layer[-1]:.3f} ({time.monotonic() - started:.0f}s)"
+            )
     model.eval()  # type: ignore[no-untyped-call]
     for param in model.parameters():
         param.requires_grad_(False)
@@ -166,7 +166,10 @@ def train_model(
 
 @torch.no_grad()
 def exit_shape(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: list[Example], device: torch.device,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    device: torch.device,
     threshold: float = EVAL_THRESHOLD,
 ) -> dict[str, dict[str, Any]]:
     """Teacher-forced on `<s>prompt answer</s>`: per kind, the mean first confident layer of the
@@ -198,7 +201,10 @@ def exit_shape(
 
 @torch.no_grad()
 def exact_match_accuracy(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, examples: list[Example], device: torch.device,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    device: torch.device,
 ) -> dict[str, float]:
     """Greedy full-depth answers, per kind, the share that match exactly."""
     prompts = [[tokenizer.bos_token_id, *encode(tokenizer, ex.prompt)] for ex in examples]
@@ -208,8 +214,12 @@ def exact_match_accuracy(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     longest = max(len(ex.answer) for ex in examples) + 2
     generated = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=longest,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
     )
     texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     result: dict[str, float] = {}

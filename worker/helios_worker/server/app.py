@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from helios_worker.engine.api import Draining, EngineError, SamplingParams
+from helios_worker.metrics import WorkerMetrics
 from helios_worker.server import streaming
 from helios_worker.server.errors import (
     ERROR_TABLE,
@@ -45,7 +46,6 @@ from helios_worker.server.protocol import (
 )
 from helios_worker.server.serving import PromptEncoder, ServingEngine, collect, open_streams
 from helios_worker.server.settings import ServerSettings
-from helios_worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger("helios.worker.server")
 
@@ -69,7 +69,7 @@ class WorkerState:
     """Everything a route needs, found on app.state.worker."""
 
     def __init__(
-        self, engine: ManagedEngine, encoder: PromptEncoder, telemetry: WorkerTelemetry, settings: ServerSettings
+        self, engine: ManagedEngine, encoder: PromptEncoder, telemetry: WorkerMetrics, settings: ServerSettings
     ) -> None:
         self.engine = engine
         self.encoder = encoder
@@ -102,7 +102,7 @@ async def _call(method: Any, *args: Any) -> Any:
     return await asyncio.to_thread(method, *args)
 
 
-def create_app(engine: ManagedEngine, tokenizer: Any, telemetry: WorkerTelemetry, settings: ServerSettings) -> FastAPI:
+def create_app(engine: ManagedEngine, tokenizer: Any, telemetry: WorkerMetrics, settings: ServerSettings) -> FastAPI:
     """The worker's app; the engine is started by the app's lifespan and stopped when it ends."""
     state = WorkerState(engine, PromptEncoder(tokenizer), telemetry, settings)
     telemetry.bind_live_state(lambda: engine.queue_length, lambda: engine.running)

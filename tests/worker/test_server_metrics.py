@@ -1,4 +1,4 @@
-"""WorkerTelemetry on a real registry: every contract metric present, fed only through the observer hooks."""
+"""WorkerMetrics on a real registry: every contract metric present, fed only through the observer hooks."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helios_worker import contract
 from helios_worker.engine.api import Finished
-from helios_worker.telemetry import ModelSizes, WorkerIdentity, WorkerTelemetry, finish_status
+from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics, finish_status
 
 IDENTITY = WorkerIdentity(deployment="shop", candidate="tiny", depth=4, model="tiny-model", profile=True)
 BASE = {"deployment": "shop", "candidate": "tiny", "depth": "4"}
 
 
-def samples(telemetry: WorkerTelemetry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def samples(telemetry: WorkerMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = generate_latest(telemetry.registry).decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -38,7 +38,7 @@ class FakeGpu:
 
 
 def test_every_contract_metric_is_exposed_with_base_labels_before_any_traffic() -> None:
-    telemetry = WorkerTelemetry(IDENTITY, model_layers=4, gpu=FakeGpu())
+    telemetry = WorkerMetrics(IDENTITY, model_layers=4, gpu=FakeGpu())
     names = {name for name, _ in samples(telemetry)}
     for metric in contract.ALL_METRICS:
         expected = metric.series + ("_count" if metric.kind == "histogram" else "")
@@ -54,7 +54,7 @@ def test_every_contract_metric_is_exposed_with_base_labels_before_any_traffic() 
 
 
 def test_observer_hooks_drive_the_series() -> None:
-    telemetry = WorkerTelemetry(IDENTITY, model_layers=4)
+    telemetry = WorkerMetrics(IDENTITY, model_layers=4)
     telemetry.on_step(batch_size=3, queue_length=0, seconds=0.5)
     telemetry.on_step(batch_size=1, queue_length=0, seconds=0.25)
     for layer, breach in ((1, False), (2, False), (4, True)):
@@ -91,7 +91,7 @@ def test_observer_hooks_drive_the_series() -> None:
 
 
 def test_sizes_and_live_state_are_reported() -> None:
-    telemetry = WorkerTelemetry(IDENTITY, model_layers=4)
+    telemetry = WorkerMetrics(IDENTITY, model_layers=4)
     telemetry.set_model_sizes(ModelSizes(2, 4, 1000, 300, 4096, 64))
     queue = [5]
     telemetry.bind_live_state(lambda: queue[0], lambda: 7)
@@ -109,7 +109,7 @@ def test_sizes_and_live_state_are_reported() -> None:
 
 def test_serving_worker_has_no_profiling_series_and_no_gpu_series_without_a_gpu() -> None:
     serving = WorkerIdentity(deployment="shop", candidate="tiny", depth=2, model="tiny-model", profile=False)
-    telemetry = WorkerTelemetry(serving, model_layers=4)
+    telemetry = WorkerMetrics(serving, model_layers=4)
     telemetry.on_profile_token(1, (1,), (1,))  # ignored, not an error
     names = {name for name, _ in samples(telemetry)}
     assert not any("agreement" in n or "profiled" in n or "first_confident" in n for n in names)
@@ -118,7 +118,7 @@ def test_serving_worker_has_no_profiling_series_and_no_gpu_series_without_a_gpu(
 
 def test_energy_counts_from_start_and_gpu_memory_is_reported() -> None:
     gpu = FakeGpu()
-    telemetry = WorkerTelemetry(IDENTITY, model_layers=4, gpu=gpu)
+    telemetry = WorkerMetrics(IDENTITY, model_layers=4, gpu=gpu)
     gpu.joules = 112.5
     found = samples(telemetry)
     assert value(found, "helios_energy_joules_total") == 12.5
@@ -126,8 +126,8 @@ def test_energy_counts_from_start_and_gpu_memory_is_reported() -> None:
 
 
 def test_two_workers_in_one_process_keep_separate_registries() -> None:
-    a = WorkerTelemetry(IDENTITY, model_layers=4)
-    b = WorkerTelemetry(IDENTITY, model_layers=4)
+    a = WorkerMetrics(IDENTITY, model_layers=4)
+    b = WorkerMetrics(IDENTITY, model_layers=4)
     a.on_token(1, False, 0.0, 1)
     assert value(samples(a), "helios_generated_tokens_total") == 1
     assert value(samples(b), "helios_generated_tokens_total") == 0

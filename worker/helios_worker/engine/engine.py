@@ -29,8 +29,8 @@ from helios_worker.engine.api import (
     TokenEvent,
 )
 from helios_worker.engine.blocks import StackModel, family_of
-from helios_worker.engine.exits import BreachWindow, agreement
-from helios_worker.engine.forward import ExitRule, StepResult, decode, prefill
+from helios_worker.engine.confidence import BreachWindow, agreement
+from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.rows import Event, Row, Sink
 from helios_worker.engine.sampling import choose_tokens, make_generator
@@ -42,7 +42,7 @@ CUDA_FREE_MEMORY_SHARE = 0.9  # of the memory the truncated model leaves free, f
 QUEUE_RETRY_SECONDS = 1.0
 
 
-def _eos_ids(model: StackModel) -> frozenset[int]:
+def eos_ids(model: StackModel) -> frozenset[int]:
     ids: set[int] = set()
     for source in (model.tokenizer, model.hf_model.config, getattr(model.hf_model, "generation_config", None)):
         value = getattr(source, "eos_token_id", None)
@@ -95,7 +95,7 @@ class Engine:
             if (static_steps if static_steps is not None else config.cuda_graphs and self.device.type == "cuda")
             else None
         )
-        self._eos = _eos_ids(model)
+        self._eos = eos_ids(model)
         self._window = BreachWindow(config.breach_window)
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
@@ -336,7 +336,7 @@ class Engine:
         if self.observer is not None:
             self.observer.on_step(len(rows), len(self._waiting), time.perf_counter() - started)
 
-    def _emit(self, rows: list[Row], result: StepResult) -> None:
+    def _emit(self, rows: list[Row], result: StepOutput) -> None:
         """Turn a step's per-row exits into tokens, events and telemetry."""
         params = [r.request.sampling for r in rows]
         generators = [r.generator if isinstance(r.generator, torch.Generator) else None for r in rows]

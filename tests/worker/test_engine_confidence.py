@@ -9,7 +9,7 @@ import pytest
 
 from helios_worker.engine.api import EngineConfig, GenerationRequest, SamplingParams
 from helios_worker.engine.blocks import StackModel
-from helios_worker.engine.scheduler import Engine
+from helios_worker.engine.engine import Engine
 from helios_worker.models.loading import load_partial
 from helios_worker.models.tasks import Kind, eval_examples
 from helios_worker.models.tokenizer import encode

@@ -1,6 +1,6 @@
 """The worker's Prometheus metrics, built from the contract on a registry of its own.
 
-`WorkerTelemetry` is the engine's observer (the `EngineObserver` hooks) plus what the server and the
+`WorkerMetrics` is the engine's observer (the `EngineObserver` hooks) plus what the server and the
 loader report: request outcomes, model sizes, live queue state. It imports no torch: GPU readings come
 through a `GpuMeter` that the caller opens only where CUDA is present. Labels carry identity only,
 never prompts or tokens.
@@ -77,7 +77,7 @@ def _short(metric: contract.Metric) -> str:
     return metric.name.removesuffix("_total")
 
 
-class WorkerTelemetry:
+class WorkerMetrics:
     """Every contract metric of one worker, pre-labelled, on `self.registry`."""
 
     def __init__(

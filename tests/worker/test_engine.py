@@ -20,7 +20,7 @@ from helios_worker.engine.api import (
     SamplingParams,
     TokenEvent,
 )
-from helios_worker.engine.scheduler import Engine
+from helios_worker.engine.engine import Engine
 from helios_worker.engine.testing import HFStack, random_model, random_prompts
 
 EOS = 2
