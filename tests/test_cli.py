@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helios_operator.cli import SUBCOMMANDS, build_parser, main
+from helios_cli.main import SUBCOMMANDS, build_parser, main
 
 DOCUMENTED = ("train", "worker", "operator", "demo", "bench")
 
@@ -44,7 +44,7 @@ def test_each_subcommand_explains_its_options(name: str, capsys: pytest.CaptureF
 def test_operator_command_imports_no_torch() -> None:
     """The operator image carries no torch: building its parser must not import it."""
     result = _run(
-        "import sys; from helios_operator.cli import build_parser; build_parser('operator'); "
+        "import sys; from helios_cli.main import build_parser; build_parser('operator'); "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     assert result.returncode == 0, result.stderr
@@ -54,7 +54,7 @@ def test_operator_command_imports_no_torch() -> None:
 def test_worker_command_imports_no_kopf() -> None:
     """The worker image carries no kopf: building the worker's parser must not import it."""
     result = _run(
-        "import sys; from helios_operator.cli import build_parser; build_parser('worker'); "
+        "import sys; from helios_cli.main import build_parser; build_parser('worker'); "
         "print('kopf' in sys.modules, 'kubernetes' in sys.modules)"
     )
     assert result.returncode == 0, result.stderr
@@ -64,7 +64,7 @@ def test_worker_command_imports_no_kopf() -> None:
 def test_a_subcommand_whose_extra_is_missing_says_so_instead_of_crashing() -> None:
     """Simulate the worker image (no kopf): `helios operator` answers with a clear error, exit 2."""
     result = _run(
-        "import sys; sys.modules['kopf'] = None; from helios_operator.cli import main; "
+        "import sys; sys.modules['kopf'] = None; from helios_cli.main import main; "
         "sys.exit(main(['operator', '--standalone']))"
     )
     assert result.returncode == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from helios_operator.model import CandidateProfile
+from helios_operator.core.types import CandidateProfile
 from helios_worker.engine.api import Finished
 
 

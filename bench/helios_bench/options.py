@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from helios_operator.model import OBJECTIVES, Objective
+from helios_operator.core.types import OBJECTIVES, Objective
 
 DEFAULT_RESULTS_MD = Path("bench/RESULTS.md")  # relative to where the command runs: the repository root
 CPU_PRESETS = ("micro", "tiny")

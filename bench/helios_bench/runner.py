@@ -54,8 +54,8 @@ from helios_bench.stats import (
     wilson_interval,
 )
 from helios_bench.systems import NO_EXIT_THRESHOLD, Completion, EngineSystem, GenerateSystem, Prompt
-from helios_operator import policy
-from helios_operator.model import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
+from helios_operator.core import policy
+from helios_operator.core.types import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
 from helios_worker.models import tasks
 from helios_worker.models.cache import train_preset
 

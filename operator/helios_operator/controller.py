@@ -14,8 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from helios_operator import conditions, operator_metrics
-from helios_operator.model import (
+from helios_operator.adapters import metrics
+from helios_operator.adapters.kubernetes import KubernetesPlatform, Owner
+from helios_operator.adapters.prometheus import PrometheusTelemetry, TelemetryProvider
+from helios_operator.core import conditions
+from helios_operator.core.types import (
     EmitEvent,
     EnsureWorker,
     HeliosSpec,
@@ -25,9 +28,7 @@ from helios_operator.model import (
     StepResult,
     TelemetrySnapshot,
 )
-from helios_operator.platforms.kubernetes import KubernetesPlatform, Owner
 from helios_operator.settings import Settings
-from helios_operator.telemetry import PrometheusTelemetry, TelemetryProvider
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,15 @@ async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now
                 controller.platform, owner, read_status(body), f"{type(err).__name__}: {err}", clock, "Error"
             )
             outcome = replace(outcome, result="error")
-    operator_metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
+    metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
     return outcome
 
 
 async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Owner, now: float) -> Outcome:
-    from helios_operator import reconcile, resources  # the step and the builders (pure)
+    from helios_operator.core import (
+        manifests,
+        reconcile,  # the step and the builders (pure)
+    )
 
     platform = controller.platform
     status = read_status(body)
@@ -136,10 +140,10 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
     )
 
     def worker_manifest(action: EnsureWorker) -> dict[str, Any]:
-        return resources.worker_deployment(owner.name, owner.namespace, spec, action)
+        return manifests.worker_deployment(owner.name, owner.namespace, spec, action)
 
     def service_manifest(pool: str) -> dict[str, Any]:
-        return resources.stable_service(owner.name, owner.namespace, pool)
+        return manifests.stable_service(owner.name, owner.namespace, pool)
 
     def act(actions: tuple[Any, ...]) -> None:
         platform.execute(owner, actions, worker_manifest=worker_manifest, service_manifest=service_manifest)
@@ -175,8 +179,8 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
         await asyncio.to_thread(
             platform.ensure_monitoring,
             owner,
-            resources.metrics_service(owner.name, owner.namespace),
-            resources.service_monitor(owner.name, owner.namespace),
+            manifests.metrics_service(owner.name, owner.namespace),
+            manifests.service_monitor(owner.name, owner.namespace),
         )
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome, new_status = "platform_error", failed(new_status, err)
@@ -225,17 +229,17 @@ async def _report_platform_error(
 async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
     """On deletion: delete the workers and the Service explicitly (the API server's garbage collector
     would, through the ownerReferences; doing it here also works where no collector runs)."""
-    from helios_operator import resources
+    from helios_operator.core import manifests
 
     owner = owner_of(body)
     platform = controller.platform
-    monitor = resources.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
+    monitor = manifests.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
     async with controller.lock(owner.namespace, owner.name):
         observed = await asyncio.to_thread(platform.observe, owner)
         for worker in observed.workers:
             await asyncio.to_thread(platform.delete_worker, owner, worker.name)
         await asyncio.to_thread(platform.delete_services, owner, monitor)
-    operator_metrics.forget(owner.namespace, owner.name)
+    metrics.forget(owner.namespace, owner.name)
     controller._locks.pop((owner.namespace, owner.name), None)
 
 

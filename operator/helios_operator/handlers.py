@@ -1,26 +1,37 @@
 """kopf registrations only: each handler is one call into `controller`.
 
-Run with `helios operator` (or `kopf run -m helios_operator.handlers`). Settings come from flags
-and HELIOS_* variables (settings.py). `telemetry_provider` may be set before kopf starts to replace
-Prometheus (the tests do); None means Prometheus' HTTP API.
+Run with `helios operator` (main.py) or `kopf run -m helios_operator.handlers`. Settings come from
+flags and HELIOS_* variables (settings.py). The state kopf's handlers share lives in kopf's memo;
+what is chosen before kopf starts (the settings, a telemetry provider that replaces Prometheus, as
+the tests do) lives in the one `controls` object.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from helios_operator import controller, names, operator_metrics
-from helios_operator.settings import Settings, add_arguments, load_settings, settings_from_namespace
-from helios_operator.telemetry import TelemetryProvider
+from helios_operator import controller
+from helios_operator.adapters import metrics
+from helios_operator.adapters.prometheus import TelemetryProvider
+from helios_operator.core import names
+from helios_operator.settings import Settings, load_settings
 
-telemetry_provider: TelemetryProvider | None = None
-configured: Settings | None = None  # set by run_operator; otherwise read from HELIOS_* at start-up
+
+@dataclass
+class Controls:
+    """Set before kopf starts; None: settings from HELIOS_* at start-up, telemetry from Prometheus."""
+
+    settings: Settings | None = None
+    telemetry: TelemetryProvider | None = None
+
+
+controls = Controls()
 _RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
 
 
@@ -32,12 +43,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    ours = configured or load_settings([], os.environ)
+    ours = controls.settings or load_settings([], os.environ)
     logging.getLogger("helios_operator").setLevel(ours.log_level)
     _configure_kubernetes_client()
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
-    memo.controller = controller.make_controller(ours, telemetry_provider)
-    memo.metrics_server = operator_metrics.serve(ours.metrics_port, ours.metrics_host)
+    memo.controller = controller.make_controller(ours, controls.telemetry)
+    memo.metrics_server = metrics.serve(ours.metrics_port, ours.metrics_host)
 
 
 @kopf.on.cleanup()
@@ -90,26 +101,3 @@ async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, 
 @kopf.on.delete(*_RESOURCE)
 async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await controller.finalize(body, memo.controller)
-
-
-# ---------------------------------------------------------------------------------------------
-# `helios operator`
-
-
-def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
-    add_arguments(parser)
-    parser.add_argument("--standalone", action="store_true", help="no peering with other operator replicas")
-    parser.add_argument("--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
-
-
-def run_operator(ns: argparse.Namespace) -> int:
-    global configured
-    configured = settings_from_namespace(ns)
-    logging.basicConfig(level=configured.log_level)
-    kopf.run(
-        clusterwide=not configured.namespaces,
-        namespaces=list(configured.namespaces),
-        standalone=bool(getattr(ns, "standalone", False)),
-        liveness_endpoint=getattr(ns, "liveness", None),
-    )
-    return 0

@@ -19,8 +19,8 @@ from rich.console import Console
 
 from helios_bench.options import BenchOptions, add_bench_arguments, bench_options_from_args
 from helios_bench.runner import BenchResult, run_bench
-from helios_operator import policy
-from helios_operator.model import CandidateProfile
+from helios_operator.core import policy
+from helios_operator.core.types import CandidateProfile
 
 FLOOR = 0.99  # the tiny test models are barely trained: a high floor keeps the choice near full depth
 TRAIN_STEPS = 40  # enough for a model that runs; the bench's structure, not the models' quality, is tested

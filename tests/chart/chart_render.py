@@ -10,7 +10,7 @@ from typing import Any
 import helm_python as helm
 import yaml
 
-from helios_operator import operator_metrics
+from helios_operator.adapters import metrics
 from helios_worker import contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
 def _operator_series() -> frozenset[str]:
     """Series the operator exports about itself (helios_operator_*), read from its own registry."""
     found = set()
-    for family in operator_metrics.REGISTRY.collect():
+    for family in metrics.REGISTRY.collect():
         if family.type == "histogram":
             found |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
         else:

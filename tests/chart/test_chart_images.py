@@ -2,7 +2,7 @@
 
 No Docker engine exists on this machine, so nothing here builds an image: these tests parse Dockerfile.operator,
 Dockerfile.worker and .dockerignore and check what the build would do (base images, what gets installed, the
-user, ports and entrypoints) against pyproject.toml, names.py and the chart. Building and running the images is
+user, ports and entrypoints) against pyproject.toml, core/names.py and the chart. Building and running the images is
 left to a machine with a Docker engine (CI with buildx, or a real cluster).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from chart_render import CHART, ROOT, manifests, one
 
-from helios_operator import names
+from helios_operator.core import names
 from helios_operator.settings import Settings
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -71,7 +71,7 @@ def _uid(user: str) -> int:
 
 
 def test_the_helios_console_script_is_the_entrypoint_of_both_images() -> None:
-    assert PYPROJECT["project"]["scripts"]["helios"] == "helios_operator.cli:main"
+    assert PYPROJECT["project"]["scripts"]["helios"] == "helios_cli.main:main"
     assert json.loads(OPERATOR[-1].last("ENTRYPOINT")) == ["helios", "operator"]
     assert json.loads(WORKER[-1].last("ENTRYPOINT")) == ["helios", "worker"]
 
@@ -166,7 +166,7 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_venv_git_caches_and_tests
         for a in line.split()[:-1]
         if not a.startswith("--")
     }
-    assert copied == {"pyproject.toml", "README.md", "operator", "worker", "bench"}
+    assert copied == {"pyproject.toml", "README.md", "operator", "local", "worker", "bench", "cli"}
     # every directory the package is found in is copied into the build
     assert set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]) <= copied
     for source in copied:

@@ -101,7 +101,7 @@ def test_watch_namespaces_reach_helios_namespaces() -> None:
 
 def _operator_settings(value_set: str) -> tuple[argparse.Namespace, Settings]:
     """What `helios operator` makes of the rendered args and HELIOS_* variables (its own parser and Settings)."""
-    from helios_operator.handlers import add_operator_arguments
+    from helios_operator.main import add_operator_arguments
 
     parser = argparse.ArgumentParser(prog="helios operator", exit_on_error=False)
     add_operator_arguments(parser)

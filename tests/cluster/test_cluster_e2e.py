@@ -20,7 +20,7 @@ import pytest
 import yaml
 from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for
 
-from helios_operator import names
+from helios_operator.core import names
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 

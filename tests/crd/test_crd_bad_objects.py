@@ -11,7 +11,7 @@ from crd_rules import admit, heliosdeployment, rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helios_operator.model import HeliosSpec, SpecError
+from helios_operator.core.types import HeliosSpec, SpecError
 
 
 def test_the_catalogue_holds_at_least_30_distinct_mistakes_covering_every_cel_rule() -> None:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from crd_rules import ROOT, admit, load_crd
 
-from helios_operator import names
-from helios_operator.model import HeliosSpec
+from helios_operator.core import names
+from helios_operator.core.types import HeliosSpec
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

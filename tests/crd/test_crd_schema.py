@@ -1,5 +1,5 @@
 """The CRD itself: names, subresources, printer columns, a structural schema, and one place for each fact
-(defaults, enums and bounds agree with operator/helios_operator/model.py and names.py)."""
+(defaults, enums and bounds agree with operator/helios_operator/core/types.py and core/names.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from crd_rules import (
     to_json_schema,
 )
 
-from helios_operator import model, names
-from helios_operator.model import (
+from helios_operator.core import names, types
+from helios_operator.core.types import (
     Candidate,
     CandidateProfile,
     Condition,
@@ -138,12 +138,12 @@ def test_every_rule_compiles_in_cel_and_has_a_message() -> None:
 
 def test_enums_and_bounds_equal_model_py() -> None:
     spec = _spec_schema()["properties"]
-    assert tuple(spec["objective"]["enum"]) == model.OBJECTIVES
-    assert tuple(spec["mode"]["enum"]) == model.MODES
-    assert spec["candidates"]["maxItems"] == model.MAX_CANDIDATES
+    assert tuple(spec["objective"]["enum"]) == types.OBJECTIVES
+    assert tuple(spec["mode"]["enum"]) == types.MODES
+    assert spec["candidates"]["maxItems"] == types.MAX_CANDIDATES
     status = _status_schema()["properties"]
-    assert tuple(status["phase"]["enum"]) == typing.get_args(model.Phase)
-    assert status["decisions"]["maxItems"] == model.MAX_DECISIONS
+    assert tuple(status["phase"]["enum"]) == typing.get_args(types.Phase)
+    assert status["decisions"]["maxItems"] == types.MAX_DECISIONS
     trigger = typing.get_type_hints(Decision)["trigger"]
     assert tuple(status["decisions"]["items"]["properties"]["trigger"]["enum"]) == typing.get_args(trigger)
 
@@ -163,14 +163,14 @@ NOT_DEFAULTED_IN_CRD = {
 
 
 def _model_scalar_defaults() -> dict[str, Any]:
-    """model.py's scalar defaults by the spec's camelCase path (prometheus.url has none)."""
+    """core/types.py's scalar defaults by the spec's camelCase path (prometheus.url has none)."""
     found: dict[str, Any] = {}
     sections = {
-        "exit": model.ExitSpec,
-        "profiling": model.ProfilingSpec,
-        "reassessment": model.ReassessmentSpec,
-        "rollout": model.RolloutSpec,
-        "worker": model.WorkerSpec,
+        "exit": types.ExitSpec,
+        "profiling": types.ProfilingSpec,
+        "reassessment": types.ReassessmentSpec,
+        "rollout": types.RolloutSpec,
+        "worker": types.WorkerSpec,
     }
     for field in dataclasses.fields(HeliosSpec):
         if field.name in sections or field.name in ("candidates", "prometheus_url"):

@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from helios_operator.demo import (
-    DemoOptions,
-    WorkloadPhase,
-    add_demo_arguments,
-    demo_options_from_args,
-    run_demo,
-)
-from helios_operator.demo_report import (
+from helios_local.demo.report import (
     DemoRecord,
     PhaseRecord,
     RequestRecord,
     build_report,
     write_report,
 )
-from helios_operator.model import Decision, Placement
+from helios_local.demo.run import (
+    DemoOptions,
+    WorkloadPhase,
+    add_demo_arguments,
+    demo_options_from_args,
+    run_demo,
+)
+from helios_operator.core.types import Decision, Placement
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,8 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helios_operator.local_runner import LocalPrometheus, LocalRunner
-from helios_operator.model import (
+from helios_local.platform import LocalEvent, LocalPlatform, WorkerLaunch, worker_command
+from helios_local.prometheus import LocalPrometheus
+from helios_local.router import Router
+from helios_local.runner import LocalRunner
+from helios_operator.core.types import (
     Candidate,
     DeleteWorker,
     EmitEvent,
@@ -27,8 +30,6 @@ from helios_operator.model import (
     Observed,
     PointService,
 )
-from helios_operator.platforms.local import LocalEvent, LocalPlatform, WorkerLaunch, worker_command
-from helios_operator.router import Router
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 SPEC = HeliosSpec(candidates=(Candidate("tiny", "/models/tiny"), Candidate("small", "/models/small")))

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helios_operator.router import Router
+from helios_local.router import Router
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 pytestmark = pytest.mark.timeout(120)

@@ -39,8 +39,9 @@ from kopf.testing import KopfRunner
 from tests.operator.kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
 from tests.operator.profiles import profile
 
-from helios_operator import handlers, names
-from helios_operator.model import HeliosSpec, TelemetrySnapshot, WorkerTelemetry
+from helios_operator import handlers
+from helios_operator.core import names
+from helios_operator.core.types import HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -129,7 +130,7 @@ def operator(fake_cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.setenv("HELIOS_RESYNC_INTERVAL_S", "0.3")
     monkeypatch.setenv("HELIOS_METRICS_PORT", "0")  # no fixed port: other suites may run beside this one
     monkeypatch.setenv("HELIOS_WORKER_IMAGE", "example.test/helios-worker:test")
-    monkeypatch.setattr(handlers, "telemetry_provider", ScriptedTelemetry(fake_cluster))
+    monkeypatch.setattr(handlers.controls, "telemetry", ScriptedTelemetry(fake_cluster))
     stop, gate = threading.Event(), threading.Event()
     controller = threading.Thread(target=play_deployment_controller, args=(fake_cluster, stop, gate), daemon=True)
     controller.start()

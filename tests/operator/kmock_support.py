@@ -26,7 +26,7 @@ import kmock
 import pytest
 from kmock._internal import enums, rendering
 
-from helios_operator import names
+from helios_operator.core import names
 from tests.support.servers import free_port, wait_until
 
 __all__ = ["free_port"]  # re-exported: the operator tests import it from here

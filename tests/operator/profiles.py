@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helios_operator.model import CandidateProfile
+from helios_operator.core.types import CandidateProfile
 
 GB = 1e9
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helios_operator import names
+from helios_operator.core import names
 
 from .kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
 
@@ -59,7 +59,7 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
         "HELIOS_METRICS_HOST": "127.0.0.1",
     }
     command = [
-        sys.executable, "-m", "helios_operator.cli", "operator", "--standalone",
+        sys.executable, "-m", "helios_cli.main", "operator", "--standalone",
         "--prometheus-url", f"http://127.0.0.1:{dead_prometheus}",  # from a flag
         "--query-timeout-s", "0.5", "--resync-interval-s", "60",  # spec changes must not wait for it
     ]  # fmt: skip

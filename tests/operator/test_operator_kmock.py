@@ -24,8 +24,9 @@ import kopf
 import pytest
 from kopf.testing import KopfRunner
 
-from helios_operator import handlers, names, naming
-from helios_operator.model import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
+from helios_operator import handlers
+from helios_operator.core import names
+from helios_operator.core.types import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 
 from .kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
 from .profiles import profile
@@ -127,7 +128,7 @@ def operator_env(
     world = World(
         fake_cluster, {"small": profile("small", layers=8), "big": profile("big", layers=12, tokens_per_second=400.0)}
     )
-    monkeypatch.setattr(handlers, "telemetry_provider", world)
+    monkeypatch.setattr(handlers.controls, "telemetry", world)
     controller = DeploymentController(fake_cluster)
     world.deployment_controller = controller
     controller.thread.start()
@@ -209,7 +210,7 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
     uid = created["metadata"]["uid"]
 
     # Profiling: one full-depth worker per candidate, owned by the HeliosDeployment.
-    round1 = {naming.profile_worker(HD, 1, "small"), naming.profile_worker(HD, 1, "big")}
+    round1 = {names.profile_worker(HD, 1, "small"), names.profile_worker(HD, 1, "big")}
     cluster.wait_for("profile workers", lambda: round1 <= set(_workers(cluster)) or None)
     for name in round1:
         d = _workers(cluster).get(name)
@@ -303,5 +304,5 @@ def test_advisory_mode_decides_and_reports_but_never_rolls(operator_env: tuple[F
     roles = {d["metadata"]["labels"][names.LABEL_ROLE] for d in _workers(cluster).values()}
     assert roles == {names.ROLE_PROFILE}, "advisory mode created a serving worker"
     svc = _service(cluster)
-    assert svc is not None and svc["spec"]["selector"][names.LABEL_POOL] == naming.profile_pool(HD, 1)
+    assert svc is not None and svc["spec"]["selector"][names.LABEL_POOL] == names.profile_pool(HD, 1)
     assert all(not d["applied"] for d in st["decisions"])

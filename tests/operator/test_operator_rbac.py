@@ -20,7 +20,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from helios_operator import names
+from helios_operator.core import names
 
 from .kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
 from .test_operator_kmock import HD, NS, World, _hd, _serving, _workers, operator_env  # noqa: F401

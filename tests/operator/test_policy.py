@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helios_operator import policy
-from helios_operator.model import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
+from helios_operator.core import policy
+from helios_operator.core.types import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
 
 from .profiles import GB, profile
 

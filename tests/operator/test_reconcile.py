@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helios_operator import reconcile
-from helios_operator.model import (
+from helios_operator.core import reconcile
+from helios_operator.core.types import (
     MAX_DECISIONS,
     Action,
     CandidateProfile,

@@ -8,8 +8,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from helios_operator import names, resources
-from helios_operator.model import EnsureWorker, HeliosSpec, SpecError
+from helios_operator.core import manifests, names
+from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError
 
 K8S = "1.32.0"
 SPEC = HeliosSpec.from_dict(
@@ -35,12 +35,12 @@ def container(d: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("action", [SERVE, PROFILE, replace(SERVE, model="hf://meta-llama/Llama-3.2-1B")])
 def test_worker_deployment_is_valid_for_kubernetes(action: EnsureWorker) -> None:
-    d = resources.worker_deployment("chat", "ml", SPEC, action, owner_uid="u-1")
+    d = manifests.worker_deployment("chat", "ml", SPEC, action, owner_uid="u-1")
     kubernetes_validate.validate(d, K8S, strict=True)
 
 
 def test_serve_worker_runs_the_chosen_depth_from_the_mounted_claim() -> None:
-    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    d = manifests.worker_deployment("chat", "ml", SPEC, SERVE)
     c = container(d)
     assert c["command"] == ["helios", "worker"]
     assert c["args"] == [
@@ -56,13 +56,13 @@ def test_serve_worker_runs_the_chosen_depth_from_the_mounted_claim() -> None:
 
 
 def test_profile_worker_loads_every_layer_and_profiles() -> None:
-    args = container(resources.worker_deployment("chat", "ml", SPEC, PROFILE))["args"]
+    args = container(manifests.worker_deployment("chat", "ml", SPEC, PROFILE))["args"]
     assert "--profile" in args and "--layers" not in args
     assert args[args.index("--model") + 1] == "/models/llama-1b"  # a local path is used as is
 
 
 def test_worker_labels_carry_identity_pool_and_depth() -> None:
-    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    d = manifests.worker_deployment("chat", "ml", SPEC, SERVE)
     want = {
         names.LABEL_APP: names.APP_NAME,
         names.LABEL_MANAGED_BY: names.MANAGER,
@@ -79,7 +79,7 @@ def test_worker_labels_carry_identity_pool_and_depth() -> None:
 
 
 def test_worker_pod_is_locked_down_probed_and_drained() -> None:
-    d = resources.worker_deployment("chat", "ml", SPEC, SERVE)
+    d = manifests.worker_deployment("chat", "ml", SPEC, SERVE)
     pod, c = d["spec"]["template"]["spec"], container(d)
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
@@ -104,12 +104,12 @@ def test_worker_pod_is_locked_down_probed_and_drained() -> None:
 
 def test_spec_resources_replace_the_default_gpu() -> None:
     spec = replace(SPEC, worker=replace(SPEC.worker, resources={"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}}))
-    c = container(resources.worker_deployment("chat", "ml", spec, SERVE))
+    c = container(manifests.worker_deployment("chat", "ml", spec, SERVE))
     assert c["resources"] == {"limits": {"nvidia.com/gpu": "2", "memory": "64Gi"}}  # quantities as strings
 
 
 def test_owner_reference_makes_the_heliosdeployment_the_controller() -> None:
-    d = resources.worker_deployment("chat", "ml", SPEC, SERVE, owner_uid="u-1")
+    d = manifests.worker_deployment("chat", "ml", SPEC, SERVE, owner_uid="u-1")
     assert d["metadata"]["ownerReferences"] == [
         {
             "apiVersion": "helios.dev/v1alpha1",
@@ -120,12 +120,12 @@ def test_owner_reference_makes_the_heliosdeployment_the_controller() -> None:
             "blockOwnerDeletion": True,
         }
     ]
-    assert "ownerReferences" not in resources.worker_deployment("chat", "ml", SPEC, SERVE)["metadata"]
+    assert "ownerReferences" not in manifests.worker_deployment("chat", "ml", SPEC, SERVE)["metadata"]
 
 
 def test_hf_models_are_downloaded_by_an_init_container() -> None:
     action = replace(SERVE, model="hf://meta-llama/Llama-3.2-1B")
-    pod = resources.worker_deployment("chat", "ml", SPEC, action)["spec"]["template"]["spec"]
+    pod = manifests.worker_deployment("chat", "ml", SPEC, action)["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert "meta-llama/Llama-3.2-1B" in init["args"]
     path = "/models/hf/meta-llama--Llama-3.2-1B"
@@ -138,11 +138,11 @@ def test_hf_models_are_downloaded_by_an_init_container() -> None:
 @pytest.mark.parametrize("model", ["pvc://", "hf://justname", "s3://bucket/model", "hf://a/b/c"])
 def test_unusable_model_sources_are_spec_errors(model: str) -> None:
     with pytest.raises(SpecError, match="model"):
-        resources.worker_deployment("chat", "ml", SPEC, replace(SERVE, model=model))
+        manifests.worker_deployment("chat", "ml", SPEC, replace(SERVE, model=model))
 
 
 def test_stable_service_selects_one_pool_on_the_http_port() -> None:
-    s = resources.stable_service("chat", "ml", "chat-small-l5", owner_uid="u-1")
+    s = manifests.stable_service("chat", "ml", "chat-small-l5", owner_uid="u-1")
     kubernetes_validate.validate(s, K8S, strict=True)
     assert s["metadata"]["name"] == "chat"
     assert s["spec"]["selector"] == {names.LABEL_DEPLOYMENT: "chat", names.LABEL_POOL: "chat-small-l5"}
@@ -150,26 +150,26 @@ def test_stable_service_selects_one_pool_on_the_http_port() -> None:
 
 
 def test_pool_selector_matches_the_service_selector() -> None:
-    s = resources.stable_service("chat", "ml", "chat-p1")
-    parsed = dict(kv.split("=") for kv in resources.pool_selector("chat", "chat-p1").split(","))
+    s = manifests.stable_service("chat", "ml", "chat-p1")
+    parsed = dict(kv.split("=") for kv in manifests.pool_selector("chat", "chat-p1").split(","))
     assert parsed == s["spec"]["selector"]
 
 
 def test_metrics_service_and_monitor_cover_every_worker() -> None:
-    svc = resources.metrics_service("chat", "ml", owner_uid="u-1")
+    svc = manifests.metrics_service("chat", "ml", owner_uid="u-1")
     kubernetes_validate.validate(svc, K8S, strict=True)
     assert svc["spec"]["clusterIP"] == "None"
     assert names.LABEL_POOL not in svc["spec"]["selector"]  # every pool, profiling workers included
-    worker_labels = resources.worker_labels("chat", PROFILE)
+    worker_labels = manifests.worker_labels("chat", PROFILE)
     assert svc["spec"]["selector"].items() <= worker_labels.items()
-    mon = resources.service_monitor("chat", "ml", owner_uid="u-1")
+    mon = manifests.service_monitor("chat", "ml", owner_uid="u-1")
     assert (mon["apiVersion"], mon["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
     assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    stable = resources.stable_service("chat", "ml", "p")
+    stable = manifests.stable_service("chat", "ml", "p")
     assert not mon["spec"]["selector"]["matchLabels"].items() <= stable["metadata"]["labels"].items()
     endpoint = mon["spec"]["endpoints"][0]
     assert endpoint["port"] == "http"
-    # telemetry.py keys series by `worker` (the pod label helios.dev/worker) and filters by `namespace`.
+    # adapters/prometheus.py keys series by `worker` (the pod label helios.dev/worker) and filters by `namespace`.
     relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
     assert relabel == {
         "worker": ["__meta_kubernetes_pod_label_helios_dev_worker"],
@@ -185,7 +185,7 @@ def test_api_token_secret_becomes_the_workers_helios_api_token() -> None:
             "worker": {"image": "w:1", "apiTokenSecret": {"name": "helios-token", "key": "token"}},
         }
     )
-    d = resources.worker_deployment("chat", "ml", spec, SERVE)
+    d = manifests.worker_deployment("chat", "ml", spec, SERVE)
     kubernetes_validate.validate(d, K8S, strict=True)
     env = {e["name"]: e for e in container(d)["env"]}
     assert env["HELIOS_API_TOKEN"] == {
@@ -193,7 +193,7 @@ def test_api_token_secret_becomes_the_workers_helios_api_token() -> None:
         "valueFrom": {"secretKeyRef": {"name": "helios-token", "key": "token"}},
     }
     assert "HELIOS_API_TOKEN" not in {
-        e["name"] for e in container(resources.worker_deployment("chat", "ml", SPEC, SERVE))["env"]
+        e["name"] for e in container(manifests.worker_deployment("chat", "ml", SPEC, SERVE))["env"]
     }
 
 
@@ -201,7 +201,7 @@ def test_a_spec_without_an_image_leaves_the_default_to_the_operator() -> None:
     spec = HeliosSpec.from_dict({"candidates": [{"name": "small", "model": "/m"}]})
     assert spec.worker.image is None
     with pytest.raises(ValueError, match="worker_image"):
-        resources.worker_deployment("chat", "ml", spec, SERVE)
+        manifests.worker_deployment("chat", "ml", spec, SERVE)
 
 
 def test_worker_args_are_accepted_by_the_worker_command_line() -> None:
@@ -211,7 +211,7 @@ def test_worker_args_are_accepted_by_the_worker_command_line() -> None:
     from helios_worker.serve import add_worker_arguments, options_from_args
 
     for action in (SERVE, PROFILE):
-        c = container(resources.worker_deployment("chat", "ml", SPEC, action))
+        c = container(manifests.worker_deployment("chat", "ml", SPEC, action))
         parser = argparse.ArgumentParser()
         add_worker_arguments(parser)
         options = options_from_args(parser.parse_args(c["args"]), env={})

@@ -83,13 +83,13 @@ def test_the_operators_own_metrics_are_served_on_metrics_port() -> None:
 
     import httpx
 
-    from helios_operator import operator_metrics
+    from helios_operator.adapters import metrics
 
-    assert operator_metrics.serve(0, "127.0.0.1") is None
+    assert metrics.serve(0, "127.0.0.1") is None
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = operator_metrics.serve(port, addr="127.0.0.1")
+    server = metrics.serve(port, addr="127.0.0.1")
     assert server is not None
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helios_operator.telemetry import Sample, build_snapshot, query_prometheus, scrape_workers
+from helios_operator.adapters.prometheus import Sample, build_snapshot, query_prometheus, scrape_workers
 from helios_worker import contract as c
 
 from .metrics_support import ContractExporter, FakeProfile

@@ -14,8 +14,9 @@ import httpx
 import pytest
 import yaml
 
-from helios_operator import reconcile
-from helios_operator.model import (
+from helios_operator.adapters.prometheus import query_prometheus, scrape_workers
+from helios_operator.core import reconcile
+from helios_operator.core.types import (
     Candidate,
     HeliosSpec,
     Observed,
@@ -24,7 +25,6 @@ from helios_operator.model import (
     Status,
     StepInput,
 )
-from helios_operator.telemetry import query_prometheus, scrape_workers
 from helios_worker.serve import WorkerOptions
 from tests.support.prometheus import PrometheusServer
 from tests.support.workers import serve_worker
@@ -132,7 +132,7 @@ async def _stopping_prometheus_blocks_rolls(prom: PrometheusServer) -> None:
 
 def _serving_input(telemetry: object) -> StepInput:
     """A HeliosDeployment serving `tiny` at 4 of 6 layers, everything Ready."""
-    from helios_operator.model import TelemetrySnapshot
+    from helios_operator.core.types import TelemetrySnapshot
 
     assert isinstance(telemetry, TelemetrySnapshot)
     spec = HeliosSpec(candidates=(Candidate("tiny", "/models/tiny", 6),))

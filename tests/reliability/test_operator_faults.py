@@ -26,8 +26,9 @@ from tests.operator.profiles import profile
 from tests.support import prometheus as prometheus_support
 from tests.support.prometheus import PrometheusServer
 
-from helios_operator import reconcile
-from helios_operator.model import (
+from helios_operator.adapters.prometheus import PrometheusTelemetry
+from helios_operator.core import reconcile
+from helios_operator.core.types import (
     Candidate,
     EmitEvent,
     HeliosSpec,
@@ -40,7 +41,6 @@ from helios_operator.model import (
     TelemetrySnapshot,
     WorkerTelemetry,
 )
-from helios_operator.telemetry import PrometheusTelemetry
 
 NS = "default"
 HD = "chat"

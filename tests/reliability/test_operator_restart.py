@@ -72,9 +72,10 @@ from tests.operator.kmock_support import FakeCluster, HeliosEmulator, fake_clust
 from tests.operator.profiles import profile
 from tests.operator.test_operator_kmock import DeploymentController, World
 
-from helios_operator import names, naming, policy, reconcile
+from helios_operator.adapters.kubernetes import KubeApi, KubeApiError, KubernetesPlatform
 from helios_operator.controller import Controller, Outcome, reconcile_once
-from helios_operator.model import (
+from helios_operator.core import names, policy, reconcile
+from helios_operator.core.types import (
     DeleteWorker,
     EmitEvent,
     EnsureWorker,
@@ -89,7 +90,6 @@ from helios_operator.model import (
     TelemetrySnapshot,
     WorkerTelemetry,
 )
-from helios_operator.platforms.kubernetes import KubeApi, KubeApiError, KubernetesPlatform
 from helios_operator.settings import load_settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -109,7 +109,7 @@ def _first_worker() -> str:
     profiles = _profiles()
     choice = policy.choose((profiles["small"], profiles["big"]), "throughput", 0.9)
     assert choice is not None
-    return naming.serve_worker(HD, choice.candidate, choice.depth)
+    return names.serve_worker(HD, choice.candidate, choice.depth)
 
 
 def _hd(namespace: str) -> dict[str, Any]:
@@ -457,7 +457,7 @@ def _profiled() -> TelemetrySnapshot:
         "Ok",
         "",
         tuple(
-            WorkerTelemetry(naming.profile_worker(HD, 1, c), c, p.model_layers, p.model_layers, 5, 500, 0, 100, p)
+            WorkerTelemetry(names.profile_worker(HD, 1, c), c, p.model_layers, p.model_layers, 5, 500, 0, 100, p)
             for c, p in _profiles().items()
         ),
     )
@@ -468,11 +468,11 @@ def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_th
     step re-decides the same switch and must not delete the target it is about to wait for."""
     first = _first_worker()
     spec = HeliosSpec.from_dict(_hd("default")["spec"])
-    pool = naming.profile_pool(HD, 1)
+    pool = names.profile_pool(HD, 1)
     observed = Observed(
         (
-            _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
-            _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+            _worker(names.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+            _worker(names.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
             _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first, ready=0),
         ),
         pool,
@@ -490,11 +490,11 @@ def test_a_restart_that_lost_two_status_writes_never_moves_the_service_back() ->
     then commits the switch; the later word must win: the Service stays on the target."""
     first = _first_worker()
     spec = HeliosSpec.from_dict(_hd("default")["spec"])
-    pool = naming.profile_pool(HD, 1)
+    pool = names.profile_pool(HD, 1)
     observed = Observed(
         (
-            _worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
-            _worker(naming.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
+            _worker(names.profile_worker(HD, 1, "small"), "small", 8, "profile", pool),
+            _worker(names.profile_worker(HD, 1, "big"), "big", 12, "profile", pool),
             _worker(first, "small", int(first.rsplit("-l", 1)[1]), "serve", first),
         ),
         first,
@@ -510,10 +510,10 @@ def test_a_restart_mid_drain_never_recreates_what_was_drained(active: bool) -> N
     """Killed after the Service moved and the first old worker was deleted, before patching status (still
     Switching): the restarted step commits the switch and drains the rest; it re-creates nothing."""
     spec = HeliosSpec.from_dict(_hd("default")["spec"])
-    target = Placement("small", 6, naming.serve_worker(HD, "small", 6), SINCE)
-    old = Placement("small", 4, naming.serve_worker(HD, "small", 4), SINCE) if active else None
-    pool = naming.profile_pool(HD, 1)
-    left = [] if active else [_worker(naming.profile_worker(HD, 1, "small"), "small", 8, "profile", pool)]
+    target = Placement("small", 6, names.serve_worker(HD, "small", 6), SINCE)
+    old = Placement("small", 4, names.serve_worker(HD, "small", 4), SINCE) if active else None
+    pool = names.profile_pool(HD, 1)
+    left = [] if active else [_worker(names.profile_worker(HD, 1, "small"), "small", 8, "profile", pool)]
     observed = Observed((*left, _worker(target.worker, "small", 6, "serve", target.worker)), target.worker)
     status = Status(phase="Switching", active=old, target=target, profiling_round=1, switch_started=SINCE)
     result = reconcile.step(StepInput(HD, 1, spec, status, observed, TelemetrySnapshot("Missing"), NOW))
@@ -542,7 +542,7 @@ def operator_process() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     url = os.environ["HELIOS_TEST_KMOCK_URL"]
     cluster = FakeCluster(None, url, Path(os.environ["KUBECONFIG"]), httpx.Client(base_url=url, timeout=5.0))  # type: ignore[arg-type]
-    handlers.telemetry_provider = World(cluster, _profiles(), breach={_first_worker(): 0.9})
+    handlers.controls.telemetry = World(cluster, _profiles(), breach={_first_worker(): 0.9})
 
     @kopf.on.startup()
     def quick(settings: kopf.OperatorSettings, **_: Any) -> None:

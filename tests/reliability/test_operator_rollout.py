@@ -30,7 +30,7 @@ from tests.operator.test_operator_kmock import (  # noqa: F401  (operator_env is
     operator_env,
 )
 
-from helios_operator import names
+from helios_operator.core import names
 
 pytestmark = pytest.mark.timeout(60)
 

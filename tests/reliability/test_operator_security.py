@@ -10,8 +10,8 @@ import helm_python as helm
 import pytest
 import yaml
 
-from helios_operator import resources
-from helios_operator.model import EnsureWorker, HeliosSpec
+from helios_operator.core import manifests
+from helios_operator.core.types import EnsureWorker, HeliosSpec
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "helios"
 VALUES: dict[str, dict[str, Any]] = {
@@ -54,7 +54,7 @@ def test_every_worker_pod_is_non_root_read_only_unprivileged_and_drops_all_capab
     spec = HeliosSpec.from_dict(
         {"candidates": [{"name": action.candidate, "model": action.model}], "worker": {"image": "w:1"}}
     )
-    pod = resources.worker_deployment("chat", "ml", spec, action)["spec"]["template"]["spec"]
+    pod = manifests.worker_deployment("chat", "ml", spec, action)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     if action.model.startswith("hf://"):
         assert pod["initContainers"], "the hf:// download runs in an init container"

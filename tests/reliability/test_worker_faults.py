@@ -17,7 +17,7 @@ from tests.reliability.conftest import assert_openai_error, openai_error, sse_pa
 from tests.support.servers import wait_until
 from tests.support.workers import WorkerProcess, worker_process
 
-from helios_operator.router import Router
+from helios_local.router import Router
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helios_operator.model import Decision, Placement
+from helios_operator.core.types import Decision, Placement
 
 REPORT_VERSION = 1
 

@@ -4,7 +4,7 @@ It builds (or reuses) the project's own early-exit models, starts the router tha
 stable Service, lets the operator's own reconcile step drive worker processes through the local
 platform, and plays a workload whose character shifts (easy prompts, hard ones, easy again) through
 the router. A live display shows what the loop does; at the end a summary table is printed and
-DIR/report.json and DIR/report.png are written (see demo_report).
+DIR/report.json and DIR/report.png are written (see report.py).
 
 A phase of the workload ends once the loop has acted on it (a decision made since the phase began
 and nothing in flight) and it ran its minimum time, or at its maximum time: the demo is as short as
@@ -20,23 +20,26 @@ import json
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from helios_operator.demo_report import (
+from helios_local.demo.display import Display, LiveState
+from helios_local.demo.report import (
     DemoRecord,
     PhaseRecord,
     RequestRecord,
     build_report,
     write_report,
 )
-from helios_operator.local_runner import LocalPrometheus, LocalRunner, Tick, scrape_telemetry
-from helios_operator.model import (
+from helios_local.platform import CommandBuilder, LocalEvent, LocalPlatform, worker_command
+from helios_local.prometheus import LocalPrometheus
+from helios_local.router import Router
+from helios_local.runner import LocalRunner, Tick, scrape_telemetry
+from helios_operator.core.types import (
     ExitSpec,
     HeliosSpec,
     ProfilingSpec,
@@ -44,8 +47,6 @@ from helios_operator.model import (
     RolloutSpec,
     WorkerSpec,
 )
-from helios_operator.platforms.local import CommandBuilder, LocalEvent, LocalPlatform, worker_command
-from helios_operator.router import Router
 
 DEPLOYMENT = "demo"
 SETTLED_PHASES = ("Serving",)
@@ -158,115 +159,6 @@ def demo_spec(models: dict[str, Path], options: DemoOptions) -> HeliosSpec:
         reassessment=ReassessmentSpec(every_requests=options.reassess_every),
         rollout=RolloutSpec(ready_timeout_seconds=120),
         worker=WorkerSpec(max_batch=options.max_batch),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# What the display shows
-
-
-@dataclass
-class LiveState:
-    """The numbers on screen, updated by the loop's ticks and the clients."""
-
-    phase: str = "starting"
-    loop_phase: str = "Pending"
-    telemetry: str = "-"  # "ok", or why the loop cannot read it (it then decides nothing)
-    active: str = "-"
-    target: str = "-"
-    reason: str = ""
-    breach_ratio: float | None = None
-    resident_bytes: int = 0
-    ok: int = 0
-    failed: int = 0
-    phase_index: int = 0
-    phase_count: int = 0
-    phase_started: float = 0.0
-    started: float = field(default_factory=time.time)
-    workers: list[tuple[str, str, str, str]] = field(default_factory=list)  # name, role, ready, memory
-    events: deque[str] = field(default_factory=lambda: deque(maxlen=8))
-    recent_tokens: deque[tuple[float, int]] = field(default_factory=deque)
-
-    def tokens_per_second(self, now: float, window: float = 5.0) -> float:
-        while self.recent_tokens and self.recent_tokens[0][0] < now - window:
-            self.recent_tokens.popleft()
-        return sum(t for _, t in self.recent_tokens) / window
-
-
-class Display:
-    """A rich live panel on a terminal; plain lines otherwise (CI logs, pipes)."""
-
-    def __init__(self, state: LiveState, live: bool, log: Callable[[str], None]) -> None:
-        self.state = state
-        self.log = log
-        self._live: Any = None
-        self._last_line = 0.0
-        if live:
-            from rich.live import Live
-
-            self._live = Live(get_renderable=self._render, refresh_per_second=4, transient=False)
-
-    def __enter__(self) -> Display:
-        if self._live is not None:
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.__exit__(None, None, None)
-
-    def say(self, line: str) -> None:
-        """A notable moment: into the event list, and a plain line when there is no live panel."""
-        self.state.events.append(line)
-        if self._live is None:
-            self.log(line)
-
-    def heartbeat(self, now: float) -> None:
-        if self._live is None and now - self._last_line >= 5.0:
-            self._last_line = now
-            self.log(status_line(self.state, now))
-
-    def _render(self) -> Any:
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.table import Table
-
-        s, now = self.state, time.time()
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold cyan")
-        table.add_column()
-        ratio = "-" if s.breach_ratio is None else f"{s.breach_ratio:.0%}"
-        progress = f"  (phase {s.phase_index}/{s.phase_count}, {now - s.phase_started:.0f}s)" if s.phase_index else ""
-        rows = [
-            ("elapsed", f"{now - s.started:.0f}s"),
-            ("workload", s.phase + progress),
-            ("loop", s.loop_phase),
-            ("telemetry", s.telemetry),
-            ("serving", s.active + (f"  -> switching to {s.target}" if s.target != "-" else "")),
-            ("last decision", s.reason or "-"),
-            ("breach ratio", ratio),
-            ("tokens/s", f"{s.tokens_per_second(now):.0f}"),
-            ("worker memory", f"{s.resident_bytes / 2**20:.0f} MiB resident"),
-            ("requests", f"{s.ok} ok, {s.failed} failed"),
-        ]
-        for k, v in rows:
-            table.add_row(k, v)
-        workers = Table("worker", "role", "ready", "memory", box=None, header_style="bold")
-        for row in s.workers:
-            workers.add_row(*row)
-        events = "\n".join(s.events) or "-"
-        return Group(
-            Panel(table, title="HELIOS demo"),
-            Panel(workers, title="worker processes"),
-            Panel(events, title="events and decisions"),
-        )
-
-
-def status_line(s: LiveState, now: float) -> str:
-    ratio = "-" if s.breach_ratio is None else f"{s.breach_ratio:.0%}"
-    return (
-        f"[{s.phase}] loop={s.loop_phase} telemetry={s.telemetry} serving={s.active} breach={ratio} "
-        f"tok/s={s.tokens_per_second(now):.0f} mem={s.resident_bytes / 2**20:.0f}MiB ok={s.ok} failed={s.failed}"
     )
 
 

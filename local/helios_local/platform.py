@@ -28,7 +28,8 @@ from typing import Literal
 
 import httpx
 
-from helios_operator.model import (
+from helios_local.router import Router
+from helios_operator.core.types import (
     Action,
     DeleteWorker,
     EmitEvent,
@@ -38,7 +39,6 @@ from helios_operator.model import (
     ObservedWorker,
     PointService,
 )
-from helios_operator.router import Router
 
 LOOPBACK = "127.0.0.1"
 MAX_RESTART_BACKOFF_S = 30.0

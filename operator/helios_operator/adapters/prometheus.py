@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from helios_operator import names
-from helios_operator.model import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
+from helios_operator.core import names
+from helios_operator.core.types import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 from helios_worker import contract as c
 
 WORKER_LABEL = names.SERIES_WORKER  # attached by Prometheus relabelling (or by scrape_workers)

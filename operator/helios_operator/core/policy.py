@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from helios_operator.model import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
+from helios_operator.core.types import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
 
 _EPS = 1e-9
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from helios_operator import conditions as cond
-from helios_operator import naming, policy
-from helios_operator.model import (
+from helios_operator.core import conditions as cond
+from helios_operator.core import names, policy
+from helios_operator.core.manifests import pool_selector
+from helios_operator.core.types import (
     MAX_DECISIONS,
     Action,
     CandidateProfile,
@@ -29,7 +30,6 @@ from helios_operator.model import (
     StepInput,
     StepResult,
 )
-from helios_operator.resources import pool_selector
 
 BUSY_REQUEUE = 5.0  # profiling, reassessing, switching: something changes within seconds
 IDLE_REQUEUE = 30.0  # serving: telemetry moves on Prometheus' scrape interval
@@ -316,7 +316,7 @@ def _conclude_profiling(d: _Draft, profiles: tuple[CandidateProfile, ...]) -> No
 
 
 def _start_switch(d: _Draft, choice: policy.Choice) -> None:
-    name = naming.serve_worker(d.inp.name, choice.candidate, choice.depth)
+    name = names.serve_worker(d.inp.name, choice.candidate, choice.depth)
     active = d.status.active
     if active is not None and active.worker == name:
         d.status = d.status.with_changes(phase="Serving", target=None)
@@ -335,13 +335,13 @@ def _start_switch(d: _Draft, choice: policy.Choice) -> None:
 
 def _round_pool(d: _Draft) -> str:
     active = d.status.active
-    return active.worker if active is not None else naming.profile_pool(d.inp.name, d.status.profiling_round)
+    return active.worker if active is not None else names.profile_pool(d.inp.name, d.status.profiling_round)
 
 
 def _round_names(d: _Draft) -> dict[str, str]:
     """Profile worker name -> candidate, for this round and the spec's candidates."""
     r = d.status.profiling_round
-    return {naming.profile_worker(d.inp.name, r, c.name): c.name for c in d.inp.spec.candidates}
+    return {names.profile_worker(d.inp.name, r, c.name): c.name for c in d.inp.spec.candidates}
 
 
 def _profiling_budget(d: _Draft) -> int:
@@ -546,7 +546,7 @@ def _normalise(actions: list[Action]) -> tuple[Action, ...]:
 def _report(d: _Draft) -> Status:
     inp, s = d.inp, d.status
     obs, now = inp.observed, inp.now
-    serving_pool = s.active.worker if s.active is not None else naming.profile_pool(inp.name, s.profiling_round)
+    serving_pool = s.active.worker if s.active is not None else names.profile_pool(inp.name, s.profiling_round)
     members = [w for w in obs.workers if w.pool == serving_pool]
     if s.active is not None:
         members = [w for w in members if w.name == s.active.worker]

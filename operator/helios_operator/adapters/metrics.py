@@ -11,7 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from helios_operator.model import Status, TelemetrySnapshot
+from helios_operator.core.types import Status, TelemetrySnapshot
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -64,13 +64,13 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _operator(ns: argparse.Namespace) -> int:
-    from helios_operator.handlers import run_operator
+    from helios_operator.main import run_operator
 
     return run_operator(ns)
 
 
 def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from helios_operator.handlers import add_operator_arguments
+    from helios_operator.main import add_operator_arguments
 
     p = sub.add_parser(
         "operator",
@@ -83,14 +83,14 @@ def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _demo(ns: argparse.Namespace) -> int:
-    from helios_operator.demo import demo_options_from_args, run_demo
+    from helios_local.demo.run import demo_options_from_args, run_demo
 
     report = run_demo(demo_options_from_args(ns))
     return 0 if report.failed_requests == 0 else 1
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from helios_operator.demo import add_demo_arguments
+    from helios_local.demo.run import add_demo_arguments
 
     p = sub.add_parser(
         "demo",

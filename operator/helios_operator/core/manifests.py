@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from helios_operator import names, naming
-from helios_operator.model import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
+from helios_operator.core import names
+from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
 
 API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
 MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
@@ -72,7 +72,7 @@ def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -
         claim, _, sub = model.removeprefix("pvc://").partition("/")
         if not claim:
             raise SpecError(f"model {model!r}: pvc:// needs a claim name, as pvc://claim/path")
-        volume = naming.dns_label(f"model-{claim}")
+        volume = names.dns_label(f"model-{claim}")
         root = f"{MODELS_ROOT}/{claim}"
         return ModelSource(
             path=f"{root}/{sub}".rstrip("/"),
@@ -237,7 +237,7 @@ def stable_service(hd_name: str, namespace: str, pool: str, *, owner_uid: str | 
 def metrics_service(hd_name: str, namespace: str, *, owner_uid: str | None = None) -> dict[str, Any]:
     """A headless Service over every worker of the HeliosDeployment, whatever its pool, so that
     profiling workers outside the stable Service's pool are scraped too."""
-    name = naming.dns_label(f"{hd_name}-metrics")
+    name = names.dns_label(f"{hd_name}-metrics")
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -258,7 +258,7 @@ def service_monitor(
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(naming.dns_label(f"{hd_name}-workers"), namespace, labels, owner_uid, hd_name),
+        "metadata": _metadata(names.dns_label(f"{hd_name}-workers"), namespace, labels, owner_uid, hd_name),
         "spec": {
             "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_SERVICE: names.SERVICE_METRICS}},
             "namespaceSelector": {"matchNames": [namespace]},
@@ -267,7 +267,7 @@ def service_monitor(
                     "port": names.WORKER_PORT_NAME,
                     "path": "/metrics",
                     "interval": settings.scrape_interval,
-                    # telemetry.py selects each worker's series by `worker` and `namespace`.
+                    # adapters/prometheus.py selects each worker's series by `worker` and `namespace`.
                     "relabelings": [
                         {"sourceLabels": [_pod_label_meta(names.LABEL_WORKER)], "targetLabel": names.SERIES_WORKER},
                         {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": names.SERIES_NAMESPACE},

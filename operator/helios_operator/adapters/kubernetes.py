@@ -23,8 +23,8 @@ from urllib.parse import quote
 import httpx
 from kubernetes import client as k8s
 
-from helios_operator import names
-from helios_operator.model import (
+from helios_operator.core import names
+from helios_operator.core.types import (
     Action,
     DeleteWorker,
     EmitEvent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from helios_operator.model import Condition
+from helios_operator.core.types import Condition
 
 READY = "Ready"
 PROFILING = "Profiling"
