@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from helios_operator.model import DeleteWorker, EnsureWorker, HeliosSpec, Observed, StepInput
+from helios_operator.core.types import DeleteWorker, EnsureWorker, HeliosSpec, Observed, StepInput
 
 from .test_reconcile import HD, PROFILES, Platform, profile
 
