@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from helios_operator.core.types import DeleteWorker, EnsureWorker, HeliosSpec, Observed, StepInput
+from helios_operator.core.types import DeleteWorker, EnsureWorker, HeliosSpec, Observed
 
-from .test_reconcile import HD, PROFILES, Platform, profile
+from .test_reconcile import PROFILES, Platform, profile
 
 UNSCHEDULABLE = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
 
@@ -66,11 +66,7 @@ class GpuPlatform(Platform):
             )
             for w in self.workers.values()
         )
-        return Observed(workers, self.service_pool)
-
-    def input(self) -> StepInput:
-        supply = self.gpus if self.report_supply else None
-        return StepInput(HD, 1, self.spec, self.status, self.observed(), self.telemetry(), self.now, supply)
+        return Observed(workers, self.service_pool, self.gpus if self.report_supply else None)
 
     def kubelet(self) -> None:
         placed = self.placed()

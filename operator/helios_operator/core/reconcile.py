@@ -350,9 +350,9 @@ def _profiling_budget(d: _Draft) -> int:
     spec = d.inp.spec
     budget = spec.profiling.max_concurrent_workers or len(spec.candidates)
     per_pod = spec.worker.gpus_per_pod
-    if per_pod > 0 and d.inp.gpu_supply is not None:
+    if per_pod > 0 and d.inp.observed.gpu_supply is not None:
         held = spec.replicas * per_pod if d.status.active is not None else 0
-        budget = min(budget, (d.inp.gpu_supply - held) // per_pod)
+        budget = min(budget, (d.inp.observed.gpu_supply - held) // per_pod)
     return max(1, min(budget, len(spec.candidates)))
 
 
@@ -396,6 +396,11 @@ def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
     return {*wave, *held}, release
 
 
+def _placed(obs: Observed, name: str) -> bool:
+    w = obs.worker(name)
+    return w is not None and w.unschedulable is None
+
+
 def _ready(obs: Observed, name: str) -> bool:
     w = obs.worker(name)
     return w is not None and w.ready_replicas > 0
@@ -422,7 +427,8 @@ def _advance_round(d: _Draft) -> None:
             _event(d, "CandidateProfiled", f"{candidate}: {heard} requests, {profile.profiled_tokens} tokens")
         elif w.unschedulable is not None:
             wait = spec.rollout.schedule_timeout_seconds
-            if now - w.created_at >= wait:
+            # While another worker of the round holds a node, this one waits for its GPU, not for a new node.
+            if now - w.created_at >= wait and not any(_placed(d.inp.observed, n) for n in _round_names(d)):
                 dropped.append(candidate)
                 why = f"{candidate}: no node could take its pod within {wait}s ({w.unschedulable})"
                 _event(d, "CandidateDropped", why, "Warning")

@@ -323,6 +323,7 @@ class ObservedWorker:
 class Observed:
     workers: tuple[ObservedWorker, ...] = ()
     service_pool: str | None = None  # the pool the stable Service selects; None: no Service yet
+    gpu_supply: int | None = None  # nvidia.com/gpu allocatable on schedulable nodes; None: unknown or not readable
 
     def worker(self, name: str) -> ObservedWorker | None:
         return next((w for w in self.workers if w.name == name), None)
@@ -519,9 +520,6 @@ class StepInput:
     observed: Observed
     telemetry: TelemetrySnapshot
     now: float  # epoch seconds
-    gpu_supply: int | None = (
-        None  # nvidia.com/gpu this object's workers may hold (allocatable less others'); None: unknown
-    )
 
 
 @dataclass(frozen=True)
