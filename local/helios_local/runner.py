@@ -78,16 +78,8 @@ class LocalRunner:
     async def tick(self) -> Tick:
         """One reconcile through the operator's loop; raises PlatformError where it could not run the step."""
         now = time.time()
-        outcome = await controller.reconcile_spec(
-            self.platform,
-            self._read_telemetry,
-            self.owner,
-            self.generation,
-            self.spec,
-            self.status,
-            now=now,
-            step=self._step,
-        )
+        target = controller.Target(self.owner, self.generation, self.spec, self.status)
+        outcome = await controller.reconcile_spec(self.platform, self._read_telemetry, target, now=now, step=self._step)
         self.status = outcome.status
         if outcome.step is None or outcome.observed is None or outcome.telemetry is None:
             degraded = outcome.status.condition(conditions.DEGRADED)

@@ -132,41 +132,40 @@ async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now
             outcome = await _report_spec_error(platform, owner, status, str(err), clock)
         else:
             generation = int((body.get("metadata") or {}).get("generation") or 0)
-            outcome = await reconcile_spec(platform, controller.telemetry, owner, generation, spec, status, now=clock)
+            target = Target(owner, generation, spec, status)
+            outcome = await reconcile_spec(platform, controller.telemetry, target, now=clock)
     metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
     return outcome
 
 
+@dataclass(frozen=True)
+class Target:
+    """One HeliosDeployment as the loop reads it: who owns the children, and its parsed spec and status."""
+
+    owner: Owner
+    generation: int
+    spec: HeliosSpec
+    status: Status
+
+
 async def reconcile_spec(
-    platform: Platform,
-    telemetry: TelemetryProvider,
-    owner: Owner,
-    generation: int,
-    spec: HeliosSpec,
-    status: Status,
-    *,
-    now: float,
-    step: Step = reconcile.step,
+    platform: Platform, telemetry: TelemetryProvider, target: Target, *, now: float, step: Step = reconcile.step
 ) -> Outcome:
     """One reconcile of a parsed spec on any platform; a bug becomes a Degraded condition, not a crash."""
     try:
-        return await _reconcile(platform, telemetry, owner, generation, spec, status, now, step)
+        return await _reconcile(platform, telemetry, target, now, step)
     except Exception as err:  # a bug must not stop the loop; say it in status and retry
+        owner = target.owner
         log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
-        outcome = await _report_platform_error(platform, owner, status, f"{type(err).__name__}: {err}", now, "Error")
+        why = f"{type(err).__name__}: {err}"
+        outcome = await _report_platform_error(platform, owner, target.status, why, now, "Error")
         return replace(outcome, result="error")
 
 
 async def _reconcile(
-    platform: Platform,
-    telemetry: TelemetryProvider,
-    owner: Owner,
-    generation: int,
-    spec: HeliosSpec,
-    status: Status,
-    now: float,
-    step: Step,
+    platform: Platform, telemetry: TelemetryProvider, target: Target, now: float, step: Step
 ) -> Outcome:
+    owner, generation, spec, status = target.owner, target.generation, target.spec, target.status
     try:
         observed = await platform.observe(owner)
     except Exception as err:  # an unreachable API must not crash the operator
@@ -264,4 +263,13 @@ async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
     controller._locks.pop((owner.namespace, owner.name), None)
 
 
-__all__ = ["Controller", "Outcome", "finalize", "make_controller", "reconcile_once", "reconcile_spec", "resync"]
+__all__ = [
+    "Controller",
+    "Outcome",
+    "Target",
+    "finalize",
+    "make_controller",
+    "reconcile_once",
+    "reconcile_spec",
+    "resync",
+]
