@@ -47,11 +47,11 @@ from helios_bench.options import (
     validate,
 )
 from helios_bench.stats import (
+    agreement_interval,
     exact_match_rates,
     forced_agreement,
     sequence_agreement,
     token_agreement,
-    wilson_interval,
 )
 from helios_bench.systems import NO_EXIT_THRESHOLD, Completion, EngineSystem, GenerateSystem, Prompt
 from helios_operator.core import policy
@@ -77,7 +77,9 @@ class BenchResult:
 
 
 @dataclass(frozen=True)
-class Placement:
+class CandidateDepth:
+    """Where the bench serves: a candidate at a depth (the operator's Placement also names a worker)."""
+
     candidate: str
     depth: int
 
@@ -86,7 +88,7 @@ class Placement:
 class Served:
     """HELIOS serving the evaluation prompts: what it emitted, where, and how it adapted."""
 
-    final: Placement
+    final: CandidateDepth
     completions: list[Completion]
     served_by: list[str]  # candidate that served each prompt
     adaptations: list[dict[str, Any]] = field(default_factory=list)
@@ -199,13 +201,13 @@ class Bench:
             assert choice is not None
             self.log(f"policy ({obj}): {choice.reason}")
 
-        served: dict[Placement, Served] = {}
+        served: dict[CandidateDepth, Served] = {}
         for obj, choice in choices.items():
             assert choice is not None
-            start = Placement(choice.candidate, choice.depth)
+            start = CandidateDepth(choice.candidate, choice.depth)
             if start not in served:
                 served[start] = self._serve_eval(start, profiles, obj, cost)
-        final_of = {obj: served[Placement(c.candidate, c.depth)].final for obj, c in choices.items() if c}
+        final_of = {obj: served[CandidateDepth(c.candidate, c.depth)].final for obj, c in choices.items() if c}
 
         # The static baseline first: its capacity sets the request rate of the latency run.
         self.log(f"measuring the static baseline ({self.largest}, all layers, no exits)")
@@ -224,7 +226,7 @@ class Bench:
         del static_model
         free_device_memory(self.device)
 
-        by_placement: dict[Placement, dict[str, Any]] = {}
+        by_placement: dict[CandidateDepth, dict[str, Any]] = {}
         for placement in dict.fromkeys(final_of.values()):
             self.log(f"measuring HELIOS ({placement.candidate} at {placement.depth} layers)")
             model = self.load(placement.candidate, placement.depth)
@@ -294,7 +296,11 @@ class Bench:
         return profile
 
     def _serve_eval(
-        self, start: Placement, profiles: tuple[CandidateProfile, ...], objective: Objective, cost: policy.CostModel
+        self,
+        start: CandidateDepth,
+        profiles: tuple[CandidateProfile, ...],
+        objective: Objective,
+        cost: policy.CostModel,
     ) -> Served:
         """The evaluation prompts in chunks; after each, the breach rule, as the operator applies it."""
         exit_spec = ExitSpec(self.o.confidence_threshold, self.o.breach_window, self.o.breach_limit)
@@ -334,7 +340,7 @@ class Bench:
                     "to": None,
                 }
                 if adaptation.choice is not None:
-                    placement = Placement(adaptation.choice.candidate, adaptation.choice.depth)
+                    placement = CandidateDepth(adaptation.choice.candidate, adaptation.choice.depth)
                     event["to"] = asdict(placement)
                     system.close()
                     model = self.load(placement.candidate, placement.depth)
@@ -528,7 +534,7 @@ class Bench:
         n = sum(len(t) for t in tokens)
         return {
             "agreement": agreement,
-            "agreement_ci95": list(wilson_interval(round(agreement * n), n)),
+            "agreement_ci95": list(agreement_interval(round(agreement * n), n)),
             "floor_met": agreement >= self.o.accuracy_floor,
             "agreement_with_largest": forced_agreement(largest_pred, self.tie_tolerance),
             "free_running_agreement": token_agreement(tokens, own_free),
@@ -546,10 +552,10 @@ class Bench:
         bandwidth: float,
         profiles: tuple[CandidateProfile, ...],
         choices: dict[Objective, policy.Choice | None],
-        served: dict[Placement, Served],
-        final_of: dict[Objective, Placement],
+        served: dict[CandidateDepth, Served],
+        final_of: dict[Objective, CandidateDepth],
         measured: dict[str, dict[str, Any]],
-        by_placement: dict[Placement, dict[str, Any]],
+        by_placement: dict[CandidateDepth, dict[str, Any]],
     ) -> dict[str, Any]:
         o = self.o
         objective_of_metric: dict[str, Objective] = {
@@ -563,7 +569,7 @@ class Bench:
         }
         first = o.objectives[0]
 
-        def helios_for(section: str) -> Placement:
+        def helios_for(section: str) -> CandidateDepth:
             return final_of.get(objective_of_metric[section], final_of[first])
 
         accuracy: dict[str, Any] = {
@@ -576,7 +582,7 @@ class Bench:
             helios_accuracy[f"{start.candidate}@{start.depth}"] = self._accuracy(s.completions, s.served_by)
         accuracy_choice = choices.get(objective_of_metric["accuracy"]) or choices[first]
         assert accuracy_choice is not None
-        chosen_start = Placement(accuracy_choice.candidate, accuracy_choice.depth)
+        chosen_start = CandidateDepth(accuracy_choice.candidate, accuracy_choice.depth)
         accuracy["helios"] = helios_accuracy[f"{chosen_start.candidate}@{chosen_start.depth}"]
         everywhere = [self.largest] * len(self.eval_prompts)
         accuracy["static"] = self._accuracy(self.full_outputs(self.largest), everywhere)

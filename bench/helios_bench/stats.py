@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from helios_operator.core import policy
 from helios_worker.models.tasks import exact_match, kind_of
 
 
@@ -50,14 +51,12 @@ def forced_agreement(gaps: Sequence[Sequence[float]], tie_tolerance: float) -> f
     return agreed / total if total else 1.0
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z=1.96) Wilson score interval of a proportion; (0, 1) for no trials."""
+def agreement_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of a count of successes (the policy's bound); (0, 1) for no trials."""
     if n == 0:
         return 0.0, 1.0
     p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    low, high = policy.wilson_interval(p, n, z)
     return min(low, p), max(high, p)  # rounding must not put the estimate itself outside
 
 

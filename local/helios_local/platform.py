@@ -3,7 +3,8 @@
 Kubernetes turns an EnsureWorker into a Deployment whose pods the kubelet starts, probes and
 restarts; here one object plays all three roles, so the same reconcile step can drive either:
 
-- EnsureWorker  -> `python -m helios_worker ... --port 0 --port-file F` subprocesses (replicas =
+- EnsureWorker  -> `python -m helios_worker` subprocesses with the container's arguments
+                   (core/worker_args), on --port 0 --port-file F (replicas =
                    processes),
                    ready once their /readyz answers 200; a process that exits is replaced, with
                    back-off, like a pod under a restart policy of Always.
@@ -11,6 +12,10 @@ restarts; here one object plays all three roles, so the same reconcile step can 
                    SIGTERM (the worker drains what it still holds and exits), then reap.
 - PointService  -> the router (the stable endpoint) sends new requests to that pool.
 - EmitEvent     -> an event log the demo shows.
+- EnsureMonitoring -> nothing: the runner scrapes the workers, or a LocalPrometheus reads
+                   `endpoints()`.
+
+It implements the operator's `Platform` protocol, so the operator's own loop (controller.py) drives it.
 """
 
 from __future__ import annotations
@@ -30,70 +35,29 @@ import httpx
 
 from helios_local.router import Router
 from helios_operator.core.types import (
-    Action,
     DeleteWorker,
     EmitEvent,
     EnsureWorker,
     HeliosSpec,
     Observed,
     ObservedWorker,
+    Owner,
+    PlatformAction,
     PointService,
+    Status,
 )
+from helios_operator.core.worker_args import worker_args
 
 LOOPBACK = "127.0.0.1"
 MAX_RESTART_BACKOFF_S = 30.0
 
 
-@dataclass(frozen=True)
-class WorkerLaunch:
-    """Everything one worker process is started with."""
-
-    deployment: str
-    worker: str
-    candidate: str
-    model: str
-    depth: int
-    profile: bool
-    threshold: float
-    breach_window: int
-    port_file: Path  # the worker binds port 0 and writes the port it got here: no port races
-    max_batch: int = 64
-    host: str = LOOPBACK
+def worker_command(args: Sequence[str]) -> list[str]:
+    """The worker process's argv: `python -m helios_worker` with the arguments its container gets."""
+    return [sys.executable, "-m", "helios_worker", *args]
 
 
-def worker_command(launch: WorkerLaunch) -> list[str]:
-    """The worker's command line, the same flags its container gets in Kubernetes."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "helios_worker",
-        "--model",
-        launch.model,
-        "--threshold",
-        str(launch.threshold),
-        "--breach-window",
-        str(launch.breach_window),
-        "--deployment",
-        launch.deployment,
-        "--candidate",
-        launch.candidate,
-        "--host",
-        launch.host,
-        "--port",
-        "0",
-        "--port-file",
-        str(launch.port_file),
-        "--max-batch",
-        str(launch.max_batch),
-    ]
-    if launch.depth > 0:  # 0: every layer the model has (the step does not know N before profiling)
-        cmd += ["--layers", str(launch.depth)]
-    if launch.profile:
-        cmd.append("--profile")
-    return cmd
-
-
-CommandBuilder = Callable[[WorkerLaunch], list[str]]
+CommandBuilder = Callable[[Sequence[str]], list[str]]  # the worker's arguments -> argv
 
 
 @dataclass(frozen=True)
@@ -188,12 +152,17 @@ class LocalPlatform:
         self._draining: set[asyncio.Task[None]] = set()
         self._probe = httpx.AsyncClient(timeout=probe_timeout_s)
         self.events: list[LocalEvent] = []
+        self.status = Status()  # the last one written: what the status subresource holds in Kubernetes
         log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- actions ----------------------------------------------------------------------------------
 
-    async def apply(self, actions: Sequence[Action]) -> None:
+    # -- the Platform protocol (one LocalPlatform per HeliosDeployment: `owner` is always its own)
+
+    async def apply(self, owner: Owner, spec: HeliosSpec | None, actions: Sequence[PlatformAction]) -> None:
         """Execute actions in order; each is idempotent, as on the Kubernetes platform."""
+        if spec is not None:
+            self.spec = spec
         for action in actions:
             if isinstance(action, EnsureWorker):
                 await self._ensure(action)
@@ -234,22 +203,14 @@ class LocalPlatform:
         stem = f"{action.name}-{index}-{self._started}"
         port_file = self.log_dir / f"{stem}.port"
         port_file.unlink(missing_ok=True)
-        launch = WorkerLaunch(
-            deployment=self.deployment,
-            worker=action.name,
-            candidate=action.candidate,
-            model=action.model,
-            depth=action.depth,
-            profile=action.role == "profile",
-            threshold=self.spec.exit.confidence_threshold,
-            breach_window=self.spec.exit.breach_window,
-            port_file=port_file,
-            max_batch=self.spec.worker.max_batch,
+        # port 0 and a port file: the worker binds a free port and says which, so no port races
+        args = worker_args(
+            self.deployment, self.spec, action, model_path=action.model, host=LOOPBACK, port=0, port_file=str(port_file)
         )
         log_path = self.log_dir / f"{stem}.log"
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                *self._command(launch),
+                *self._command(args),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -295,7 +256,14 @@ class LocalPlatform:
 
     # -- observation ------------------------------------------------------------------------------
 
-    async def observe(self) -> Observed:
+    async def write_status(self, owner: Owner, status: Status) -> None:
+        self.status = status
+
+    async def remove(self, owner: Owner) -> None:
+        for name in list(self._workers):
+            self._delete(name)
+
+    async def observe(self, owner: Owner) -> Observed:
         """Probe every process (exit, /readyz), replace dead ones, and report what is ready."""
         for name, worker in self._workers.items():
             for replica in list(worker.replicas):

@@ -194,10 +194,6 @@ class Router:
         """New requests go to this pool from now on; in-flight ones are left alone."""
         self._active = pool
 
-    @property
-    def active_pool(self) -> str | None:
-        return self._active
-
     def members(self, pool: str | None = None) -> tuple[str, ...]:
         name = self._active if pool is None else pool
         return self._pools.get(name, ()) if name is not None else ()

@@ -1,8 +1,9 @@
-"""The control loop on one machine: observe -> telemetry -> the operator's own step -> actions.
+"""The control loop on one machine: the operator's own loop (controller.reconcile_spec) on a LocalPlatform.
 
-The Kubernetes handlers and this loop call the same pure `reconcile.step`; only where the actions
-land (API objects or local processes) and where telemetry comes from (Prometheus in the cluster,
-a direct scrape of the workers here, or a local Prometheus) differ.
+The Kubernetes handlers and this runner drive the same loop (observe -> telemetry -> the pure step ->
+Events, status, changes) over the `Platform` protocol; only where the actions land (API objects or
+local processes) and where telemetry comes from (Prometheus in the cluster, a direct scrape of the
+workers here, or a local Prometheus) differ.
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from helios_local.platform import LocalPlatform
+from helios_operator import controller
 from helios_operator.adapters.prometheus import scrape_workers
-from helios_operator.core.types import HeliosSpec, Observed, Status, StepInput, StepResult, TelemetrySnapshot
+from helios_operator.core import conditions, reconcile
+from helios_operator.core.types import HeliosSpec, Observed, Owner, Status, StepResult, TelemetrySnapshot
+from helios_operator.platform import PlatformError
 
-StepFunction = Callable[[StepInput], StepResult]
 TelemetrySource = Callable[[LocalPlatform], Awaitable[TelemetrySnapshot]]
+NAMESPACE = "local"  # the Owner's namespace; one machine has one
 
 
 async def scrape_telemetry(platform: LocalPlatform) -> TelemetrySnapshot:
     """Read the ready workers' /metrics directly; in a thread, so the router keeps serving."""
     return await asyncio.to_thread(scrape_workers, platform.endpoints())
-
-
-def default_step() -> StepFunction:
-    from helios_operator.core.reconcile import step
-
-    return step
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class Tick:
 
 
 class LocalRunner:
-    """Runs the reconcile loop against a LocalPlatform until told to stop."""
+    """Runs the operator's reconcile loop against a LocalPlatform until told to stop."""
 
     def __init__(
         self,
@@ -51,43 +49,43 @@ class LocalRunner:
         spec: HeliosSpec,
         platform: LocalPlatform,
         *,
-        step: StepFunction | None = None,
+        step: controller.Step = reconcile.step,
         telemetry: TelemetrySource = scrape_telemetry,
         interval_s: float = 1.0,
         min_interval_s: float = 0.2,
         on_tick: Callable[[Tick], None] | None = None,
     ) -> None:
-        self.name = name
+        self.owner = Owner(namespace=NAMESPACE, name=name, uid="")
         self.spec = spec
         self.platform = platform
         self.status = Status()
         self.generation = 1
         self.ticks = 0
         self.last: Tick | None = None
-        self._step = step or default_step()
+        self._step = step
         self._telemetry = telemetry
         self._interval_s = interval_s
         self._min_interval_s = min_interval_s
         self._on_tick = on_tick
 
+    @property
+    def name(self) -> str:
+        return self.owner.name
+
+    async def _read_telemetry(self, namespace: str, name: str, spec: HeliosSpec) -> TelemetrySnapshot:
+        return await self._telemetry(self.platform)
+
     async def tick(self) -> Tick:
-        """One reconcile: the same order as the operator's resync loop."""
-        observed = await self.platform.observe()
-        telemetry = await self._telemetry(self.platform)
-        inp = StepInput(
-            name=self.name,
-            generation=self.generation,
-            spec=self.spec,
-            status=self.status,
-            observed=observed,
-            telemetry=telemetry,
-            now=time.time(),
-        )
-        result = self._step(inp)
-        await self.platform.apply(result.actions)
-        self.status = result.status
+        """One reconcile through the operator's loop; raises PlatformError where it could not run the step."""
+        now = time.time()
+        target = controller.Target(self.owner, self.generation, self.spec, self.status)
+        outcome = await controller.reconcile_spec(self.platform, self._read_telemetry, target, now=now, step=self._step)
+        self.status = outcome.status
+        if outcome.step is None or outcome.observed is None or outcome.telemetry is None:
+            degraded = outcome.status.condition(conditions.DEGRADED)
+            raise PlatformError(degraded.message if degraded else outcome.result)
         self.ticks += 1
-        tick = Tick(inp.now, observed, telemetry, result)
+        tick = Tick(now, outcome.observed, outcome.telemetry, outcome.step)
         self.last = tick
         if self._on_tick is not None:
             self._on_tick(tick)

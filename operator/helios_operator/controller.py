@@ -1,8 +1,9 @@
-"""One reconcile of one HeliosDeployment on Kubernetes: read, observe, measure, step, act, report.
+"""The one reconcile loop, for Kubernetes and for the local platform: observe, measure, step, act, report.
 
-Knows nothing of kopf: `handlers` passes the object's body in. Never raises for bad input: a spec
-that cannot work becomes a Ready=False condition and a Warning Event, and the serving workers are
-left untouched; API failures become a Degraded condition and the next reconcile retries.
+Knows nothing of kopf (`handlers` passes the object's body in) nor of where the workers run: it
+drives one `Platform`. Never raises for bad input: a spec that cannot work becomes a Ready=False
+condition and a Warning Event, and the serving workers are left untouched; platform failures become
+a Degraded condition and the next reconcile retries.
 """
 
 from __future__ import annotations
@@ -10,27 +11,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from helios_operator.adapters import metrics
-from helios_operator.adapters.kubernetes import KubernetesPlatform, Owner
 from helios_operator.adapters.prometheus import PrometheusTelemetry, TelemetryProvider
-from helios_operator.core import conditions
+from helios_operator.core import conditions, reconcile
 from helios_operator.core.types import (
     EmitEvent,
-    EnsureWorker,
+    EnsureMonitoring,
     HeliosSpec,
+    Observed,
+    Owner,
+    PlatformAction,
     SpecError,
     Status,
     StepInput,
     StepResult,
     TelemetrySnapshot,
 )
+from helios_operator.platform import Platform
 from helios_operator.settings import Settings
 
 log = logging.getLogger(__name__)
+
+Step = Callable[[StepInput], StepResult]
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,15 @@ class Outcome:
     status: Status
     telemetry: TelemetrySnapshot | None = None
     requeue_after: float | None = None
-    actions: tuple[Any, ...] = ()
+    actions: tuple[PlatformAction, ...] = ()
+    observed: Observed | None = None  # None: the platform could not be observed
+    step: StepResult | None = None  # None: the step did not run
 
 
 @dataclass
 class Controller:
     settings: Settings
-    platform: KubernetesPlatform
+    platform: Platform
     telemetry: TelemetryProvider
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     _wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
@@ -58,11 +66,10 @@ class Controller:
         return self._wakeups.setdefault((namespace, name), asyncio.Event())
 
 
-def make_controller(settings: Settings, telemetry: TelemetryProvider | None = None) -> Controller:
+def make_controller(settings: Settings, platform: Platform, telemetry: TelemetryProvider | None = None) -> Controller:
     provider = telemetry or PrometheusTelemetry(
         settings.prometheus_url, timeout_s=settings.query_timeout_s, stale_after_s=settings.stale_after_s
     )
-    platform = KubernetesPlatform(service_monitors=settings.service_monitors)
     return Controller(settings=settings, platform=platform, telemetry=provider)
 
 
@@ -87,66 +94,88 @@ def read_status(body: Mapping[str, Any]) -> Status:
         return Status()
 
 
+def wake(body: Mapping[str, Any], controller: Controller) -> None:
+    """A change to the object: its resync loop reconciles at once instead of at its next tick."""
+    owner = owner_of(body)
+    controller.wakeup(owner.namespace, owner.name).set()
+
+
+async def resync(body: Mapping[str, Any], controller: Controller, stopped: Any) -> None:
+    """The one reconcile loop per object under kopf (its daemon): every resync_interval_s, sooner
+    when the step asks (requeue_after) or the spec changes (`wakeup`). `stopped` is kopf's flag."""
+    owner = owner_of(body)
+    wakeup = controller.wakeup(owner.namespace, owner.name)
+    while not stopped:
+        wakeup.clear()
+        outcome = await reconcile_once(body, controller)
+        delay = controller.settings.resync_interval_s
+        if outcome.requeue_after is not None:
+            delay = max(0.05, min(delay, outcome.requeue_after))
+        woken, timer = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait(delay))
+        try:
+            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
+
+
 async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now: float | None = None) -> Outcome:
-    """Reconcile one HeliosDeployment once, under its lock; report the outcome to metrics."""
+    """Reconcile one HeliosDeployment's body once, under its lock; report the outcome to metrics."""
     owner = owner_of(body)
     clock = time.time() if now is None else now
+    platform = controller.platform
     async with controller.lock(owner.namespace, owner.name):
+        status = read_status(body)
         try:
-            outcome = await _reconcile(body, controller, owner, clock)
-        except Exception as err:  # a bug must not stop the loop; say it in status and retry
-            log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
-            outcome = await _report_platform_error(
-                controller.platform, owner, read_status(body), f"{type(err).__name__}: {err}", clock, "Error"
-            )
-            outcome = replace(outcome, result="error")
+            spec = read_spec(body, controller.settings)
+        except SpecError as err:
+            outcome = await _report_spec_error(platform, owner, status, str(err), clock)
+        else:
+            generation = int((body.get("metadata") or {}).get("generation") or 0)
+            target = Target(owner, generation, spec, status)
+            outcome = await reconcile_spec(platform, controller.telemetry, target, now=clock)
     metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
     return outcome
 
 
-async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Owner, now: float) -> Outcome:
-    from helios_operator.core import (
-        manifests,
-        reconcile,  # the step and the builders (pure)
-    )
+@dataclass(frozen=True)
+class Target:
+    """One HeliosDeployment as the loop reads it: who owns the children, and its parsed spec and status."""
 
-    platform = controller.platform
-    status = read_status(body)
-    generation = int((body.get("metadata") or {}).get("generation") or 0)
-    try:
-        spec = read_spec(body, controller.settings)
-    except SpecError as err:
-        return await _report_spec_error(platform, owner, status, str(err), now)
+    owner: Owner
+    generation: int
+    spec: HeliosSpec
+    status: Status
 
+
+async def reconcile_spec(
+    platform: Platform, telemetry: TelemetryProvider, target: Target, *, now: float, step: Step = reconcile.step
+) -> Outcome:
+    """One reconcile of a parsed spec on any platform; a bug becomes a Degraded condition, not a crash."""
     try:
-        observed = await asyncio.to_thread(platform.observe, owner)
+        return await _reconcile(platform, telemetry, target, now, step)
+    except Exception as err:  # a bug must not stop the loop; say it in status and retry
+        owner = target.owner
+        log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
+        why = f"{type(err).__name__}: {err}"
+        outcome = await _report_platform_error(platform, owner, target.status, why, now, "Error")
+        return replace(outcome, result="error")
+
+
+async def _reconcile(
+    platform: Platform, telemetry: TelemetryProvider, target: Target, now: float, step: Step
+) -> Outcome:
+    owner, generation, spec, status = target.owner, target.generation, target.spec, target.status
+    try:
+        observed = await platform.observe(owner)
     except Exception as err:  # an unreachable API must not crash the operator
         return await _report_platform_error(platform, owner, status, f"observing children failed: {err}", now)
     try:
-        snapshot = await controller.telemetry(owner.namespace, owner.name, spec)
+        snapshot = await telemetry(owner.namespace, owner.name, spec)
     except Exception as err:  # a provider bug is a telemetry outage, not a crash
         snapshot = TelemetrySnapshot("PrometheusError", f"{type(err).__name__}: {err}")
 
-    result: StepResult = reconcile.step(
-        StepInput(
-            name=owner.name,
-            generation=generation,
-            spec=spec,
-            status=status,
-            observed=observed,
-            telemetry=snapshot,
-            now=now,
-        )
-    )
-
-    def worker_manifest(action: EnsureWorker) -> dict[str, Any]:
-        return manifests.worker_deployment(owner.name, owner.namespace, spec, action)
-
-    def service_manifest(pool: str) -> dict[str, Any]:
-        return manifests.stable_service(owner.name, owner.namespace, pool)
-
-    def act(actions: tuple[Any, ...]) -> None:
-        platform.execute(owner, actions, worker_manifest=worker_manifest, service_manifest=service_manifest)
+    result = step(StepInput(owner.name, generation, spec, status, observed, snapshot, now))
 
     def failed(status: Status, err: Exception) -> Status:
         why = f"{type(err).__name__}: {err}"[:1000]
@@ -162,38 +191,37 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
     # and undo its work (move the Service back, re-create drained workers). Nothing is done to the
     # objects that the status does not record: if it cannot be written, the next reconcile retries.
     events = tuple(a for a in result.actions if isinstance(a, EmitEvent))
-    changes = tuple(a for a in result.actions if not isinstance(a, EmitEvent))
+    changes: tuple[PlatformAction, ...] = (
+        *(a for a in result.actions if not isinstance(a, EmitEvent)),
+        EnsureMonitoring(),
+    )
     new_status = result.status
     outcome = "ok"
+
+    def done(result_: str, status_: Status) -> Outcome:
+        return Outcome(result_, status_, snapshot, result.requeue_after, result.actions, observed, result)
+
     try:
-        await asyncio.to_thread(act, events)
+        await platform.apply(owner, spec, events)
     except Exception as err:  # PlatformError; Events never hold the switch back
         outcome, new_status = "platform_error", failed(new_status, err)
     try:
-        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+        await platform.write_status(owner, new_status)
     except Exception as err:
-        log.warning("patching the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
-        return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions)
+        log.warning("writing the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
+        return done("platform_error", new_status)
     try:
-        await asyncio.to_thread(act, changes)
-        await asyncio.to_thread(
-            platform.ensure_monitoring,
-            owner,
-            manifests.metrics_service(owner.name, owner.namespace),
-            manifests.service_monitor(owner.name, owner.namespace),
-        )
+        await platform.apply(owner, spec, changes)
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome, new_status = "platform_error", failed(new_status, err)
         try:
-            await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+            await platform.write_status(owner, new_status)
         except Exception as err2:
-            log.warning("patching the status of %s failed: %s", owner.name, err2)
-    return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions)
+            log.warning("writing the status of %s failed: %s", owner.name, err2)
+    return done(outcome, new_status)
 
 
-async def _report_spec_error(
-    platform: KubernetesPlatform, owner: Owner, status: Status, message: str, now: float
-) -> Outcome:
+async def _report_spec_error(platform: Platform, owner: Owner, status: Status, message: str, now: float) -> Outcome:
     """Ready=False with the reason, one Warning Event per new message; workers are left as they are."""
     old = status.condition(conditions.READY)
     new_status = status.with_changes(
@@ -201,15 +229,15 @@ async def _report_spec_error(
     )
     try:
         if old is None or old.reason != "InvalidSpec" or old.message != message:
-            await asyncio.to_thread(platform.emit_event, owner, EmitEvent("InvalidSpec", message, "Warning"))
-        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+            await platform.apply(owner, None, (EmitEvent("InvalidSpec", message, "Warning"),))
+        await platform.write_status(owner, new_status)
     except Exception as err:
         log.warning("reporting the spec error of %s failed: %s", owner.name, err)
     return Outcome("spec_error", new_status)
 
 
 async def _report_platform_error(
-    platform: KubernetesPlatform,
+    platform: Platform,
     owner: Owner,
     status: Status,
     message: str,
@@ -220,27 +248,28 @@ async def _report_platform_error(
         conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", reason, message[:1000], now)
     )
     try:
-        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+        await platform.write_status(owner, new_status)
     except Exception as err:
         log.warning("reporting the platform error of %s failed: %s", owner.name, err)
     return Outcome("platform_error", new_status)
 
 
 async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
-    """On deletion: delete the workers and the Service explicitly (the API server's garbage collector
-    would, through the ownerReferences; doing it here also works where no collector runs)."""
-    from helios_operator.core import manifests
-
+    """On deletion: the platform removes the workers and the Services; the object's state is forgotten."""
     owner = owner_of(body)
-    platform = controller.platform
-    monitor = manifests.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
     async with controller.lock(owner.namespace, owner.name):
-        observed = await asyncio.to_thread(platform.observe, owner)
-        for worker in observed.workers:
-            await asyncio.to_thread(platform.delete_worker, owner, worker.name)
-        await asyncio.to_thread(platform.delete_services, owner, monitor)
+        await controller.platform.remove(owner)
     metrics.forget(owner.namespace, owner.name)
     controller._locks.pop((owner.namespace, owner.name), None)
 
 
-__all__ = ["Controller", "Outcome", "finalize", "make_controller", "reconcile_once"]
+__all__ = [
+    "Controller",
+    "Outcome",
+    "Target",
+    "finalize",
+    "make_controller",
+    "reconcile_once",
+    "reconcile_spec",
+    "resync",
+]

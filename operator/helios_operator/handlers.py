@@ -8,7 +8,6 @@ the tests do) lives in the one `controls` object.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import kopf
 
 from helios_operator import controller
 from helios_operator.adapters import metrics
+from helios_operator.adapters.kubernetes import KubernetesPlatform, configure_client
 from helios_operator.adapters.prometheus import TelemetryProvider
 from helios_operator.core import names
 from helios_operator.settings import Settings, load_settings
@@ -45,9 +45,10 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = controls.settings or load_settings([], os.environ)
     logging.getLogger("helios_operator").setLevel(ours.log_level)
-    _configure_kubernetes_client()
+    configure_client()
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
-    memo.controller = controller.make_controller(ours, controls.telemetry)
+    platform = KubernetesPlatform(service_monitors=ours.service_monitors)
+    memo.controller = controller.make_controller(ours, platform, controls.telemetry)
     memo.metrics_server = metrics.serve(ours.metrics_port, ours.metrics_host)
 
 
@@ -59,43 +60,17 @@ def cleanup(memo: kopf.Memo, **_: Any) -> None:
         server.server_close()
 
 
-def _configure_kubernetes_client() -> None:
-    from kubernetes import config
-
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        # The client reads KUBECONFIG when first imported; read it now, in case it changed since.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
-
-
 @kopf.on.update(*_RESOURCE, field="spec")
 async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Wake the resync loop rather than reconcile here: a handler's body is the object as it was at the
     event, and its status may be older than the one the loop last wrote; the loop's body is live."""
-    owner = controller.owner_of(body)
-    memo.controller.wakeup(owner.namespace, owner.name).set()
+    controller.wake(body, memo.controller)
 
 
 @kopf.daemon(*_RESOURCE, cancellation_timeout=5.0)
 async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """The one reconcile loop per object (started when it appears, on create and on operator restart):
-    every resync_interval_s, sooner when the step asks (requeue_after) or the spec changes."""
-    ctl: controller.Controller = memo.controller
-    owner = controller.owner_of(body)
-    wakeup = ctl.wakeup(owner.namespace, owner.name)
-    while not stopped:
-        wakeup.clear()
-        outcome = await controller.reconcile_once(body, ctl)
-        delay = ctl.settings.resync_interval_s
-        if outcome.requeue_after is not None:
-            delay = max(0.05, min(delay, outcome.requeue_after))
-        woken, timer = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait(delay))
-        try:
-            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            woken.cancel()
-            timer.cancel()
+    """The one reconcile loop per object (started when it appears, on create and on operator restart)."""
+    await controller.resync(body, memo.controller, stopped)
 
 
 @kopf.on.delete(*_RESOURCE)

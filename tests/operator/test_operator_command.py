@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from helios_operator.core import names
+from tests.support.bodies import hd_body
 
 from .kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
 
@@ -27,18 +28,10 @@ pytestmark = pytest.mark.timeout(90)
 
 NS = "default"
 HD = "cmd"
-
-
-def _body() -> dict[str, object]:
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.KIND,
-        "metadata": {"name": HD, "namespace": NS},
-        "spec": {
-            "objective": "latency",
-            "candidates": [{"name": "a", "model": "/models/a"}, {"name": "b", "model": "/models/b"}],
-        },
-    }
+SPEC = {
+    "objective": "latency",
+    "candidates": [{"name": "a", "model": "/models/a"}, {"name": "b", "model": "/models/b"}],
+}
 
 
 def _condition(cluster: FakeCluster, type_: str) -> dict[str, str] | None:
@@ -67,7 +60,7 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        fake_cluster.create(fake_cluster.hd_path(NS), _body())
+        fake_cluster.create(fake_cluster.hd_path(NS), hd_body(HD, NS, SPEC))
 
         def profiling_workers() -> list[dict[str, Any]] | None:
             items = fake_cluster.items(fake_cluster.deployment_path(NS))
@@ -97,7 +90,7 @@ def test_the_operator_command_profiles_and_says_why_telemetry_is_missing(
         assert f'helios_operator_metrics_available{{deployment="{HD}",namespace="{NS}"}} 0.0' in own
 
         # A spec change wakes the loop at once (the step's own requeue while profiling is 5 s).
-        candidates = [*_body()["spec"]["candidates"], {"name": "c", "model": "/models/c"}]  # type: ignore[index]
+        candidates = [*SPEC["candidates"], {"name": "c", "model": "/models/c"}]
         fake_cluster.patch(fake_cluster.hd_path(NS, HD), {"spec": {"candidates": candidates}})
         patched = time.monotonic()
         fake_cluster.wait_for(

@@ -27,6 +27,7 @@ from kopf.testing import KopfRunner
 from helios_operator import handlers
 from helios_operator.core import names
 from helios_operator.core.types import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
+from tests.support.bodies import hd_body
 
 from .kmock_support import FakeCluster, fake_cluster, free_port  # noqa: F401  (the fixture)
 from .profiles import profile
@@ -145,28 +146,6 @@ def operator_env(
     assert runner.exit_code == 0, runner.output
 
 
-def _hd(mode: str = "active", **extra: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.KIND,
-        "metadata": {"name": HD, "namespace": NS},
-        "spec": {
-            "objective": "throughput",
-            "accuracyFloor": 0.9,
-            "mode": mode,
-            "replicas": 1,
-            "candidates": [
-                {"name": "small", "model": "/models/small", "layers": 8},
-                {"name": "big", "model": "/models/big", "layers": 12},
-            ],
-            "exit": {"confidenceThreshold": 0.9, "breachWindow": 100, "breachLimit": 50},
-            "profiling": {"requestsPerCandidate": 5},
-            "reassessment": {"everyRequests": 50},
-            **extra,
-        },
-    }
-
-
 def _status(cluster: FakeCluster) -> dict[str, Any]:
     return (cluster.get(cluster.hd_path(NS, HD)) or {}).get("status") or {}
 
@@ -206,7 +185,7 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
     operator_env: tuple[FakeCluster, World],
 ) -> None:
     cluster, world = operator_env
-    created = cluster.create(cluster.hd_path(NS), _hd())
+    created = cluster.create(cluster.hd_path(NS), hd_body(HD, NS))
     uid = created["metadata"]["uid"]
 
     # Profiling: one full-depth worker per candidate, owned by the HeliosDeployment.
@@ -289,7 +268,7 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
 
 def test_advisory_mode_decides_and_reports_but_never_rolls(operator_env: tuple[FakeCluster, World]) -> None:
     cluster, world = operator_env
-    cluster.create(cluster.hd_path(NS), _hd(mode="advisory"))
+    cluster.create(cluster.hd_path(NS), hd_body(HD, NS, mode="advisory"))
 
     st = cluster.wait_for("an advisory decision", lambda: (s := _status(cluster)).get("decisions") and s)
     decision = st["decisions"][0]

@@ -21,9 +21,10 @@ import pytest
 import yaml
 
 from helios_operator.core import names
+from tests.support.bodies import hd_body
 
 from .kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
-from .test_operator_kmock import HD, NS, World, _hd, _serving, _workers, operator_env  # noqa: F401
+from .test_operator_kmock import HD, NS, World, _serving, _workers, operator_env  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,7 +79,7 @@ def test_the_charts_rules_allow_every_call_the_operator_makes_and_hold_nothing_u
 ) -> None:
     cluster, _ = operator_env
     _install_service_monitor_crd(cluster)
-    uid = cluster.create(cluster.hd_path(NS), _hd())["metadata"]["uid"]
+    uid = cluster.create(cluster.hd_path(NS), hd_body(HD, NS))["metadata"]["uid"]
     st = cluster.wait_for("serving", lambda: _serving(cluster))
     monitors = cluster.items(f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors")
     assert [m["metadata"]["ownerReferences"][0]["uid"] for m in monitors] == [uid]

@@ -71,6 +71,7 @@ from kubernetes import client as k8s
 from tests.operator.kmock_support import FakeCluster, HeliosEmulator, fake_cluster  # noqa: F401  (the fixture)
 from tests.operator.profiles import profile
 from tests.operator.test_operator_kmock import DeploymentController, World
+from tests.support.bodies import hd_body
 
 from helios_operator.adapters.kubernetes import KubeApi, KubeApiError, KubernetesPlatform
 from helios_operator.controller import Controller, Outcome, reconcile_once
@@ -110,27 +111,6 @@ def _first_worker() -> str:
     choice = policy.choose((profiles["small"], profiles["big"]), "throughput", 0.9)
     assert choice is not None
     return names.serve_worker(HD, choice.candidate, choice.depth)
-
-
-def _hd(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": names.API_VERSION,
-        "kind": names.KIND,
-        "metadata": {"name": HD, "namespace": namespace},
-        "spec": {
-            "objective": "throughput",
-            "accuracyFloor": 0.9,
-            "mode": "active",
-            "replicas": 1,
-            "candidates": [
-                {"name": "small", "model": "/models/small", "layers": 8},
-                {"name": "big", "model": "/models/big", "layers": 12},
-            ],
-            "exit": {"confidenceThreshold": 0.9, "breachWindow": 100, "breachLimit": 50},
-            "profiling": {"requestsPerCandidate": 5},
-            "reassessment": {"everyRequests": 50},
-        },
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +311,7 @@ class Life:
 
     def __post_init__(self) -> None:
         self.deployment_controller = PlayedDeploymentController(self.cluster, self.ns)
-        self.uid = self.cluster.create(self.cluster.hd_path(self.ns), _hd(self.ns))["metadata"]["uid"]
+        self.uid = self.cluster.create(self.cluster.hd_path(self.ns), hd_body(HD, self.ns))["metadata"]["uid"]
 
     def process(self, crash_after: int | None = None) -> Controller:
         """A fresh operator process: new client, new platform, new locks; nothing carried over."""
@@ -467,7 +447,7 @@ def test_a_restart_that_lost_the_status_write_after_creating_the_target_keeps_th
     """Killed after creating the switch's target, before patching status (still Profiling): the restarted
     step re-decides the same switch and must not delete the target it is about to wait for."""
     first = _first_worker()
-    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    spec = HeliosSpec.from_dict(hd_body(HD, "default")["spec"])
     pool = names.profile_pool(HD, 1)
     observed = Observed(
         (
@@ -489,7 +469,7 @@ def test_a_restart_that_lost_two_status_writes_never_moves_the_service_back() ->
     Profiling): the restarted step replays profiling, which would point the Service at the profiling pool,
     then commits the switch; the later word must win: the Service stays on the target."""
     first = _first_worker()
-    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    spec = HeliosSpec.from_dict(hd_body(HD, "default")["spec"])
     pool = names.profile_pool(HD, 1)
     observed = Observed(
         (
@@ -509,7 +489,7 @@ def test_a_restart_that_lost_two_status_writes_never_moves_the_service_back() ->
 def test_a_restart_mid_drain_never_recreates_what_was_drained(active: bool) -> None:
     """Killed after the Service moved and the first old worker was deleted, before patching status (still
     Switching): the restarted step commits the switch and drains the rest; it re-creates nothing."""
-    spec = HeliosSpec.from_dict(_hd("default")["spec"])
+    spec = HeliosSpec.from_dict(hd_body(HD, "default")["spec"])
     target = Placement("small", 6, names.serve_worker(HD, "small", 6), SINCE)
     old = Placement("small", 4, names.serve_worker(HD, "small", 4), SINCE) if active else None
     pool = names.profile_pool(HD, 1)
@@ -637,7 +617,7 @@ def test_the_kopf_operator_sigkilled_after_create_after_the_service_move_and_mid
     started = time.monotonic()
     try:
         played.thread.start()
-        uid = fake_cluster.create(fake_cluster.hd_path(NS), _hd(NS))["metadata"]["uid"]
+        uid = fake_cluster.create(fake_cluster.hd_path(NS), hd_body(HD, NS))["metadata"]["uid"]
         for point in points:
             assassin.killed.clear()
             assassin.point = point

@@ -46,17 +46,17 @@ def test_breach_window_ratio_is_the_share_of_breaches_among_the_last_tokens(size
         assert window.ratio == 0.0 and window.tokens == 0
 
 
-def test_breach_window_exceeds_its_limit_only_above_it() -> None:
+def test_breach_window_counts_the_breaches_of_its_last_tokens_only() -> None:
     window = BreachWindow(4)
     for breach in (True, True, False, False):
         window.record(breach)
-    assert not window.exceeds(2)
+    assert window.breaches == 2
     window.record(True)  # the first True leaves, a new one enters: still 2
-    assert window.breaches == 2 and not window.exceeds(2)
+    assert window.breaches == 2
     window.record(True)  # the second True leaves: still 2
-    assert not window.exceeds(2)
+    assert window.breaches == 2
     window.record(True)  # a False leaves: 3 of 4
-    assert window.breaches == 3 and window.exceeds(2)
+    assert window.breaches == 3 and window.ratio == 0.75
 
 
 def test_breach_window_needs_room_for_a_token() -> None:

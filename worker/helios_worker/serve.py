@@ -11,15 +11,18 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from helios_worker.engine.api import ConfidenceMeasure
+from helios_worker.engine.api import ConfidenceMeasure, EngineConfig
 from helios_worker.placement import AUTO, DTYPES, ENV_DEVICE, ENV_DTYPE, PlacementError, check_request
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from helios_worker.metrics import WorkerIdentity
+    from helios_worker.server.settings import ServerSettings
 
 ENV_DEPLOYMENT = "HELIOS_DEPLOYMENT"
 ENV_CANDIDATE = "HELIOS_CANDIDATE"
@@ -61,6 +64,25 @@ class WorkerOptions:
     @property
     def candidate_name(self) -> str:
         return self.candidate or self.model.resolve().name
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's share of the options: every field both have, by name (--threshold is the
+        engine's confidence_threshold); what the flags do not set keeps the engine's default."""
+        shared = {f.name for f in fields(EngineConfig)} & {f.name for f in fields(self)}
+        return EngineConfig(confidence_threshold=self.threshold, **{name: getattr(self, name) for name in shared})
+
+    def server_settings(self, identity: WorkerIdentity, model_layers: int) -> ServerSettings:
+        """The server's share: who it is (from the loaded model), its token and its drain timeout."""
+        from helios_worker.server.settings import ServerSettings
+
+        return ServerSettings(
+            model_name=identity.candidate,
+            candidate=identity.candidate,
+            depth=identity.depth,
+            model_layers=model_layers,
+            api_token=self.api_token,
+            drain_timeout_seconds=self.drain_timeout,
+        )
 
 
 def _positive_int(text: str) -> int:
@@ -183,13 +205,11 @@ def build_app(options: WorkerOptions) -> FastAPI:
     options = check_options(options)  # before the heavy imports: a typo fails in a blink
     import torch
 
-    from helios_worker.engine.api import EngineConfig
     from helios_worker.engine.engine import Engine
     from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics
     from helios_worker.models.loading import ModelLoadError, load_partial
     from helios_worker.placement import resolve_placement
     from helios_worker.server.app import create_app
-    from helios_worker.server.settings import ServerSettings
 
     try:
         placement = resolve_placement(options.device, options.dtype, torch.cuda.device_count())
@@ -216,18 +236,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
     telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
-    config = EngineConfig(
-        confidence_threshold=options.threshold,
-        confidence_measure=options.confidence_measure,
-        breach_window=options.breach_window,
-        profile=options.profile,
-        max_batch=options.max_batch,
-        max_queue=options.max_queue,
-        max_context=options.max_context,
-        device=options.device,
-        dtype=options.dtype,
-    )
-    engine = Engine(model, config, telemetry)
+    engine = Engine(model, options.engine_config(), telemetry)
     telemetry.set_model_sizes(
         ModelSizes(
             loaded_layers=model.loaded_layers,
@@ -238,14 +247,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
             kv_bytes_per_token=engine.cache.plan.bytes_per_token,
         )
     )
-    settings = ServerSettings(
-        model_name=identity.candidate,
-        candidate=identity.candidate,
-        depth=identity.depth,
-        model_layers=model.model_layers,
-        api_token=options.api_token,
-        drain_timeout_seconds=options.drain_timeout,
-    )
+    settings = options.server_settings(identity, model.model_layers)
     log.info(
         "loaded %s: %d of %d layers on %s in %s",
         identity.model,

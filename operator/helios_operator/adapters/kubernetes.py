@@ -1,6 +1,6 @@
 """The Kubernetes platform: observe a HeliosDeployment's children and execute the step's actions.
 
-Blocking; the controller calls it from a worker thread. It takes its connection and credentials
+The `Platform` methods run the blocking calls below in a worker thread. It takes its connection and credentials
 from the official `kubernetes` client's configuration (kubeconfig or in-cluster), and speaks plain
 JSON over HTTP: the manifests come from `resources` as dicts, and newer clients validate bodies
 against their own models (rejecting, e.g., an integer GPU quantity the API server accepts).
@@ -11,12 +11,14 @@ label selectors; a real one honours them, which only makes the list shorter).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
 import threading
 import time
 from calendar import timegm
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -24,46 +26,36 @@ from urllib.parse import quote
 import httpx
 from kubernetes import client as k8s
 
-from helios_operator.core import names
+from helios_operator.core import manifests, names
 from helios_operator.core.types import (
     GPU_RESOURCE,
-    Action,
     DeleteWorker,
     EmitEvent,
+    EnsureMonitoring,
     EnsureWorker,
+    HeliosSpec,
     Observed,
     ObservedWorker,
+    Owner,
+    PlatformAction,
     PointService,
     Role,
+    Status,
 )
+from helios_operator.platform import PlatformError
 
 log = logging.getLogger(__name__)
 
-WorkerManifest = Callable[[EnsureWorker], dict[str, Any]]
-ServiceManifest = Callable[[str], dict[str, Any]]  # pool -> the stable Service
 
+def configure_client() -> None:
+    """The official client's configuration: in-cluster, else the kubeconfig."""
+    from kubernetes import config
 
-class PlatformError(RuntimeError):
-    """An action could not be applied; the next reconcile retries it."""
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The HeliosDeployment that owns the children (their ownerReference and the Events' subject)."""
-
-    namespace: str
-    name: str
-    uid: str
-
-    def reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": names.API_VERSION,
-            "kind": names.KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        # The client reads KUBECONFIG when first imported; read it now, in case it changed since.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
 
 
 class KubeApiError(Exception):
@@ -270,7 +262,7 @@ def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None
 
 
 class KubernetesPlatform:
-    """Observe and act for one HeliosDeployment through the Kubernetes API."""
+    """Observe and act for HeliosDeployments through the Kubernetes API (the `Platform` protocol)."""
 
     def __init__(self, api: KubeApi | None = None, *, service_monitors: bool = False) -> None:
         self.api = api or KubeApi()
@@ -280,9 +272,29 @@ class KubernetesPlatform:
         self._nodes_seen: tuple[float, int | None] | None = None  # (checked at, GPU supply)
         self._nodes_lock = threading.Lock()
 
+    # -- the Platform protocol
+
+    async def observe(self, owner: Owner) -> Observed:
+        return await asyncio.to_thread(self.observe_now, owner)
+
+    async def apply(self, owner: Owner, spec: HeliosSpec | None, actions: Sequence[PlatformAction]) -> None:
+        await asyncio.to_thread(self.execute, owner, spec, actions)
+
+    async def write_status(self, owner: Owner, status: Status) -> None:
+        await asyncio.to_thread(self.patch_status, owner, status.to_dict())
+
+    async def remove(self, owner: Owner) -> None:
+        """Delete the workers and the Services explicitly (the API server's garbage collector would,
+        through the ownerReferences; doing it here also works where no collector runs)."""
+        monitor = manifests.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
+        observed = await self.observe(owner)
+        for worker in observed.workers:
+            await asyncio.to_thread(self.delete_worker, owner, worker.name)
+        await asyncio.to_thread(self.delete_services, owner, monitor)
+
     # -- observe
 
-    def observe(self, owner: Owner) -> Observed:
+    def observe_now(self, owner: Owner) -> Observed:
         deployments = self.api.request("GET", _deployments(owner.namespace))
         pods = self._pod_states(owner)
         workers: list[ObservedWorker] = []
@@ -322,7 +334,8 @@ class KubernetesPlatform:
             try:
                 supply: int | None = gpu_supply(self.api.request("GET", "/api/v1/nodes"))
             except (KubeApiError, httpx.HTTPError) as err:
-                log.info("GPU supply unknown (nodes not readable: %s); profiling is bounded by the spec only", err)
+                why = f"HTTP {err.status}" if isinstance(err, KubeApiError) else type(err).__name__
+                log.info("GPU supply unknown (nodes not readable: %s); profiling is bounded by the spec only", why)
                 supply = None
             self._nodes_seen = (time.monotonic(), supply)
             return supply
@@ -363,25 +376,28 @@ class KubernetesPlatform:
 
     # -- act
 
-    def execute(
-        self,
-        owner: Owner,
-        actions: Sequence[Action],
-        *,
-        worker_manifest: WorkerManifest,
-        service_manifest: ServiceManifest,
-    ) -> None:
-        """Apply the actions in order; stop at the first failure (PlatformError) so order is kept."""
+    def execute(self, owner: Owner, spec: HeliosSpec | None, actions: Sequence[PlatformAction]) -> None:
+        """Apply the actions in order, each rendered from the spec into its object; stop at the first
+        failure (PlatformError) so order is kept."""
         for action in actions:
             try:
                 if isinstance(action, EnsureWorker):
-                    self.ensure_worker(owner, action, worker_manifest(action))
+                    if spec is None:
+                        raise ValueError("a worker is rendered from the spec, and there is none")
+                    manifest = manifests.worker_deployment(owner.name, owner.namespace, spec, action)
+                    self.ensure_worker(owner, action, manifest)
                 elif isinstance(action, DeleteWorker):
                     self.delete_worker(owner, action.name)
                 elif isinstance(action, PointService):
-                    self.point_service(owner, service_manifest(action.pool))
+                    self.point_service(owner, manifests.stable_service(owner.name, owner.namespace, action.pool))
                 elif isinstance(action, EmitEvent):
                     self.emit_event(owner, action)
+                elif isinstance(action, EnsureMonitoring):
+                    self.ensure_monitoring(
+                        owner,
+                        manifests.metrics_service(owner.name, owner.namespace),
+                        manifests.service_monitor(owner.name, owner.namespace),
+                    )
             except (KubeApiError, httpx.HTTPError) as err:
                 raise PlatformError(f"{type(action).__name__} failed: {err}") from err
 

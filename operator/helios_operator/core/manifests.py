@@ -11,6 +11,7 @@ from typing import Any
 
 from helios_operator.core import names
 from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
+from helios_operator.core.worker_args import DRAIN_TIMEOUT_S, worker_args
 
 API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
 MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
@@ -25,7 +26,7 @@ class WorkerSettings:
     startup_failure_threshold: int = 120  # 10 minutes to load weights before the kubelet restarts it
     termination_grace_seconds: int = 120  # above preStop + drain: the kubelet never kills a draining worker
     pre_stop_sleep_seconds: int = 10  # endpoints drop the pod before it starts draining
-    drain_timeout_seconds: int = 30  # the worker's --drain-timeout: in-flight generations finish
+    drain_timeout_seconds: int = DRAIN_TIMEOUT_S
     scrape_interval: str = "15s"
 
 
@@ -108,21 +109,6 @@ def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -
 WORKER_COMMAND = ("helios", "worker")
 
 
-def worker_args(
-    hd_name: str, spec: HeliosSpec, action: EnsureWorker, model_path: str, settings: WorkerSettings = DEFAULT_SETTINGS
-) -> list[str]:
-    """The arguments of `helios worker` (the container's command); depth 0 (all layers) leaves --layers out."""
-    args = ["--model", model_path]
-    if action.depth > 0:
-        args += ["--layers", str(action.depth)]
-    args += ["--threshold", str(spec.exit.confidence_threshold), "--breach-window", str(spec.exit.breach_window)]
-    args += ["--max-batch", str(spec.worker.max_batch)]
-    if action.role == "profile":
-        args.append("--profile")
-    args += ["--deployment", hd_name, "--candidate", action.candidate, "--host", "0.0.0.0"]
-    return [*args, "--port", str(names.WORKER_PORT), "--drain-timeout", str(settings.drain_timeout_seconds)]
-
-
 def worker_env(worker: WorkerSpec) -> list[dict[str, Any]]:
     """spec.worker.env, plus HELIOS_API_TOKEN from the Secret named in spec.worker.apiTokenSecret."""
     env = list(worker.env)
@@ -155,7 +141,15 @@ def worker_deployment(
         "image": image,
         # The command is set, not left to the image's ENTRYPOINT, so a custom worker image works too.
         "command": list(WORKER_COMMAND),
-        "args": worker_args(hd_name, spec, action, source.path, settings),
+        "args": worker_args(
+            hd_name,
+            spec,
+            action,
+            model_path=source.path,
+            host="0.0.0.0",
+            port=names.WORKER_PORT,
+            drain_timeout_s=settings.drain_timeout_seconds,
+        ),
         "ports": [{"name": http, "containerPort": names.WORKER_PORT, "protocol": "TCP"}],
         "env": worker_env(spec.worker),
         "resources": resources,

@@ -170,14 +170,20 @@ def accuracy(profile: CandidateProfile, depth: int, z: float = DEFAULT_COST.accu
     return wilson_lower_bound(profile.depth_agreement[depth - 1], profile.profiled_tokens, z)
 
 
-def wilson_lower_bound(share: float, n: int, z: float) -> float:
-    """The lower end of the Wilson score interval of a share measured over n trials (n <= 0: the share)."""
+def wilson_interval(share: float, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a share measured over n trials (n <= 0 or z <= 0: the share itself).
+    The one Wilson bound of the project: the policy holds the floor with it, the bench reports it."""
     if n <= 0 or z <= 0:
-        return share
+        return share, share
     z2 = z * z
     centre = share + z2 / (2 * n)
     spread = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z2 / n))
+    return max(0.0, (centre - spread) / (1 + z2 / n)), min(1.0, (centre + spread) / (1 + z2 / n))
+
+
+def wilson_lower_bound(share: float, n: int, z: float) -> float:
+    """The lower end of the Wilson score interval (n <= 0: the share)."""
+    return wilson_interval(share, n, z)[0]
 
 
 def _feasible(c: Choice, floor: float) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from helios_operator.core import names
+
 Objective = Literal["throughput", "latency", "energy"]
 Mode = Literal["active", "advisory"]
 Phase = Literal["Pending", "Profiling", "Serving", "Reassessing", "Switching", "Failed"]
@@ -297,6 +299,25 @@ class TelemetrySnapshot:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """The HeliosDeployment that owns the children (their ownerReference and the Events' subject)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": names.API_VERSION,
+            "kind": names.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
 class ObservedWorker:
     """A worker Deployment owned by the HeliosDeployment, as last observed."""
 
@@ -368,6 +389,15 @@ class EmitEvent:
 
 
 Action = EnsureWorker | DeleteWorker | PointService | EmitEvent
+
+
+@dataclass(frozen=True)
+class EnsureMonitoring:
+    """The controller's own action after each step's changes: the objects Prometheus scrapes the
+    workers through (a platform that has none, like the local one, does nothing)."""
+
+
+PlatformAction = Action | EnsureMonitoring
 
 
 # ---------------------------------------------------------------------------------------------

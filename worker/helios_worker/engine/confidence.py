@@ -58,10 +58,6 @@ class BreachWindow:
         """Breaches over the tokens seen, up to `size` of them; 0 before the first token."""
         return self._breaches / len(self._window) if self._window else 0.0
 
-    def exceeds(self, limit: int) -> bool:
-        """True when more than `limit` of the window's tokens were breaches (paper: >50 of 100)."""
-        return self._breaches > limit
-
 
 def agreement(layer_tokens: list[int], first_confident: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Profiling: (layers whose own token equals the last layer's, depths whose early-exit token does).

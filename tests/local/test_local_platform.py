@@ -7,17 +7,18 @@ management is tested in seconds; the last ones start the real worker on a traine
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helios_local.platform import LocalEvent, LocalPlatform, WorkerLaunch, worker_command
+from helios_local.platform import LocalEvent, LocalPlatform, worker_command
 from helios_local.prometheus import LocalPrometheus
 from helios_local.router import Router
 from helios_local.runner import LocalRunner
@@ -28,16 +29,18 @@ from helios_operator.core.types import (
     EnsureWorker,
     HeliosSpec,
     Observed,
+    Owner,
     PointService,
 )
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 SPEC = HeliosSpec(candidates=(Candidate("tiny", "/models/tiny"), Candidate("small", "/models/small")))
+OWNER = Owner("local", "demo", "")  # a LocalPlatform serves one HeliosDeployment
 pytestmark = pytest.mark.timeout(180)
 
 
-def fake_command(launch: WorkerLaunch) -> list[str]:
-    return [sys.executable, str(FAKE_WORKER), *worker_command(launch)[3:]]
+def fake_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, str(FAKE_WORKER), *args]
 
 
 def ensure(name: str, pool: str, replicas: int = 1, candidate: str = "tiny", depth: int = 2) -> EnsureWorker:
@@ -60,7 +63,7 @@ async def observe_until(p: LocalPlatform, done: Callable[[Observed], bool], time
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        observed = await p.observe()
+        observed = await p.observe(OWNER)
         if done(observed):
             return observed
         assert loop.time() < deadline, f"timed out; last observed {observed}"
@@ -71,25 +74,49 @@ def ready(name: str, n: int) -> Callable[[Observed], bool]:
     return lambda o: (w := o.worker(name)) is not None and w.ready_replicas == n
 
 
-def test_the_worker_command_carries_every_flag_the_worker_needs() -> None:
-    launch = WorkerLaunch("hd", "hd-p1-tiny", "tiny", "/m/tiny", 4, True, 0.8, 20, Path("/tmp/p"), max_batch=8)
-    cmd = worker_command(launch)
-    assert cmd[:3] == [sys.executable, "-m", "helios_worker"]
-    flags = dict(zip(cmd[3::2], cmd[4::2], strict=False))
-    assert flags["--model"] == "/m/tiny" and flags["--layers"] == "4" and flags["--max-batch"] == "8"
-    assert flags["--port"] == "0" and flags["--port-file"] == "/tmp/p"
-    assert flags["--threshold"] == "0.8" and flags["--breach-window"] == "20"
-    assert flags["--deployment"] == "hd" and flags["--candidate"] == "tiny" and flags["--host"] == "127.0.0.1"
-    assert cmd[-1] == "--profile"
-    serve = WorkerLaunch("hd", "w", "tiny", "/m", 4, False, 0.8, 20, Path("/tmp/q"))
-    assert "--profile" not in worker_command(serve)
-    every_layer = WorkerLaunch("hd", "w", "tiny", "/m", 0, True, 0.8, 20, Path("/tmp/q"))
-    assert "--layers" not in worker_command(every_layer)  # depth 0: the model's own layer count
+def test_the_worker_command_is_python_dash_m_helios_worker_with_the_given_arguments() -> None:
+    assert worker_command(["--model", "/m"]) == [sys.executable, "-m", "helios_worker", "--model", "/m"]
+
+
+async def test_a_local_worker_gets_the_flags_its_container_gets_but_where_it_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One builder (core/worker_args): the local process and the Deployment's container parse, with the
+    worker's own parser, to the same options; only the address (loopback, port 0 + port file) differs."""
+    import argparse
+
+    from helios_operator.core import manifests
+    from helios_worker.serve import add_worker_arguments, options_from_args
+
+    started: list[list[str]] = []
+
+    def record(args: Sequence[str]) -> list[str]:
+        started.append(list(args))
+        return [sys.executable, "-c", "pass"]
+
+    def parse(args: list[str]) -> dict[str, object]:
+        parser = argparse.ArgumentParser()
+        add_worker_arguments(parser)
+        return vars(options_from_args(parser.parse_args(args), env={}))
+
+    spec = dataclasses.replace(SPEC, worker=dataclasses.replace(SPEC.worker, image="helios-worker:test"))
+    for action in (ensure("w1", "p", depth=3), dataclasses.replace(ensure("w2", "p", depth=0), role="profile")):
+        async with Router() as router:
+            p = LocalPlatform("demo", spec, router, tmp_path, command=record)
+            await p.apply(OWNER, spec, [action])
+            await p.close()
+        container = manifests.worker_deployment("demo", "ns", spec, action)["spec"]["template"]["spec"]["containers"][0]
+        local, cluster = parse(started[-1]), parse(container["args"])
+        assert local.pop("host") == "127.0.0.1" and cluster.pop("host") == "0.0.0.0"
+        assert local.pop("port") == 0 and cluster.pop("port") == 8000
+        assert str(local.pop("port_file")).endswith(".port") and cluster.pop("port_file") is None
+        assert local == cluster
+        assert local["drain_timeout"] == 30
 
 
 async def test_ensure_worker_starts_replicas_as_processes_and_reports_them_ready(platform: LocalPlatform) -> None:
-    await platform.apply([ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
-    first = await platform.observe()
+    await platform.apply(OWNER, SPEC, [ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
+    first = await platform.observe(OWNER)
     assert first.worker("hd-tiny-l2") is not None and first.service_pool is None
     observed = await observe_until(platform, ready("hd-tiny-l2", 2))
     w = observed.worker("hd-tiny-l2")
@@ -98,12 +125,12 @@ async def test_ensure_worker_starts_replicas_as_processes_and_reports_them_ready
     assert all(v > 0 for v in platform.resident_bytes().values())
     # Idempotent: the same action again starts nothing new.
     pids = {r.process.pid for r in platform._workers["hd-tiny-l2"].replicas}
-    await platform.apply([ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
+    await platform.apply(OWNER, SPEC, [ensure("hd-tiny-l2", "hd-tiny-l2", replicas=2)])
     assert {r.process.pid for r in platform._workers["hd-tiny-l2"].replicas} == pids
 
 
 async def test_point_service_routes_the_stable_endpoint_to_the_pool(platform: LocalPlatform) -> None:
-    await platform.apply([ensure("w1", "pool-a", replicas=2), PointService("pool-a")])
+    await platform.apply(OWNER, SPEC, [ensure("w1", "pool-a", replicas=2), PointService("pool-a")])
     observed = await observe_until(platform, ready("w1", 2))
     assert observed.service_pool == "pool-a"
     async with httpx.AsyncClient(timeout=10) as client:
@@ -113,10 +140,10 @@ async def test_point_service_routes_the_stable_endpoint_to_the_pool(platform: Lo
 
 
 async def test_scaling_down_drains_the_extra_process(platform: LocalPlatform) -> None:
-    await platform.apply([ensure("w1", "p", replicas=2)])
+    await platform.apply(OWNER, SPEC, [ensure("w1", "p", replicas=2)])
     await observe_until(platform, ready("w1", 2))
     gone = platform._workers["w1"].replicas[-1].process
-    await platform.apply([ensure("w1", "p", replicas=1)])
+    await platform.apply(OWNER, SPEC, [ensure("w1", "p", replicas=1)])
     await asyncio.wait_for(gone.wait(), 20)
     observed = await observe_until(platform, ready("w1", 1))
     w = observed.worker("w1")
@@ -125,7 +152,7 @@ async def test_scaling_down_drains_the_extra_process(platform: LocalPlatform) ->
 
 async def test_a_switch_under_load_drops_no_request(platform: LocalPlatform) -> None:
     """The operator's switch, run as actions: new worker ready, point, delete the old one."""
-    await platform.apply([ensure("old", "old"), PointService("old")])
+    await platform.apply(OWNER, SPEC, [ensure("old", "old"), PointService("old")])
     await observe_until(platform, ready("old", 1))
     old_proc = platform._workers["old"].replicas[0].process
     statuses: list[int] = []
@@ -147,10 +174,10 @@ async def test_a_switch_under_load_drops_no_request(platform: LocalPlatform) -> 
     async with httpx.AsyncClient(timeout=30) as client:
         tasks = [asyncio.create_task(client_loop(client, i % 2 == 0)) for i in range(4)]
         await asyncio.sleep(0.5)
-        await platform.apply([ensure("new", "new", candidate="small", depth=3)])
+        await platform.apply(OWNER, SPEC, [ensure("new", "new", candidate="small", depth=3)])
         await observe_until(platform, ready("new", 1))
-        await platform.apply([PointService("new"), DeleteWorker("old")])
-        observed = await platform.observe()
+        await platform.apply(OWNER, SPEC, [PointService("new"), DeleteWorker("old")])
+        observed = await platform.observe(OWNER)
         assert observed.worker("old") is None and observed.service_pool == "new"
         await asyncio.wait_for(old_proc.wait(), 20)
         await asyncio.sleep(0.5)
@@ -162,7 +189,7 @@ async def test_a_switch_under_load_drops_no_request(platform: LocalPlatform) -> 
 
 
 async def test_a_crashed_worker_process_is_replaced_and_reported(platform: LocalPlatform) -> None:
-    await platform.apply([ensure("w1", "p")])
+    await platform.apply(OWNER, SPEC, [ensure("w1", "p")])
     await observe_until(platform, ready("w1", 1))
     victim = platform._workers["w1"].replicas[0].process
     os.kill(victim.pid, signal.SIGKILL)
@@ -178,7 +205,7 @@ async def test_events_are_recorded_and_handed_to_the_listener(tmp_path: Path) ->
     seen: list[LocalEvent] = []
     async with Router() as router:
         p = LocalPlatform("demo", SPEC, router, tmp_path, command=fake_command, on_event=seen.append)
-        await p.apply([EmitEvent("Switching", "tiny@2 -> small@3"), EmitEvent("Breach", "60%", "Warning")])
+        await p.apply(OWNER, SPEC, [EmitEvent("Switching", "tiny@2 -> small@3"), EmitEvent("Breach", "60%", "Warning")])
         await p.close()
     assert [(e.reason, e.type) for e in p.events] == [("Switching", "Normal"), ("Breach", "Warning")]
     assert seen == p.events
@@ -187,7 +214,7 @@ async def test_events_are_recorded_and_handed_to_the_listener(tmp_path: Path) ->
 async def test_close_drains_every_worker(tmp_path: Path) -> None:
     async with Router() as router:
         p = LocalPlatform("demo", SPEC, router, tmp_path, command=fake_command, drain_timeout_s=20)
-        await p.apply([ensure("a", "a"), ensure("b", "b")])
+        await p.apply(OWNER, SPEC, [ensure("a", "a"), ensure("b", "b")])
         await observe_until(p, lambda o: all(w.ready_replicas == 1 for w in o.workers))
         procs = [r.process for w in p._workers.values() for r in w.replicas]
         await p.close()
@@ -231,7 +258,7 @@ async def test_a_local_prometheus_reads_the_workers_like_the_clusters_does(
     prom = LocalPrometheus(Path("prom"))
     await prom.start()
     try:
-        await platform.apply([ensure("demo-tiny-l2", "p"), PointService("p")])
+        await platform.apply(OWNER, SPEC, [ensure("demo-tiny-l2", "p"), PointService("p")])
         await observe_until(platform, ready("demo-tiny-l2", 1))
         read = prom.source("demo")
         snapshot = await read(platform)
@@ -250,12 +277,12 @@ async def test_a_local_prometheus_reads_the_workers_like_the_clusters_does(
 
 
 async def test_a_worker_that_cannot_start_is_reported_as_crash_looping(tmp_path: Path) -> None:
-    def broken(launch: WorkerLaunch) -> list[str]:
+    def broken(args: Sequence[str]) -> list[str]:
         return [sys.executable, "-c", "import sys; print('no such model'); sys.exit(3)"]
 
     async with Router() as router:
         p = LocalPlatform("demo", SPEC, router, tmp_path, command=broken)
-        await p.apply([ensure("w1", "p")])
+        await p.apply(OWNER, SPEC, [ensure("w1", "p")])
         await observe_until(p, lambda o: bool(p.crash_looping(restarts=2)), timeout=20)
         message = p.crash_looping(restarts=2)["w1"]
         assert p.crash_looping(restarts=3) == {}  # not yet: a third exit is needed

@@ -1,0 +1,31 @@
+"""`helios worker`'s options are the one source of the engine's and the server's settings."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from helios_worker.engine.api import EngineConfig
+from helios_worker.metrics import WorkerIdentity
+from helios_worker.serve import WorkerOptions
+
+
+def test_the_engine_config_takes_every_option_the_engine_shares_by_name() -> None:
+    options = WorkerOptions(
+        model=Path("/m"), threshold=0.7, profile=True, breach_window=40, max_batch=3, max_queue=9, max_context=128
+    )
+    config = options.engine_config()
+    assert config == EngineConfig(
+        confidence_threshold=0.7, profile=True, breach_window=40, max_batch=3, max_queue=9, max_context=128
+    )
+    # what the flags cannot set keeps the engine's own default
+    unset = {f.name for f in fields(EngineConfig)} - {f.name for f in fields(WorkerOptions)} - {"confidence_threshold"}
+    assert unset == {"early_stop", "kv_budget_bytes", "cuda_graphs"}
+
+
+def test_the_server_settings_name_the_candidate_and_carry_token_and_drain_timeout() -> None:
+    options = WorkerOptions(model=Path("/m"), api_token="s3cret", drain_timeout=7.0)
+    identity = WorkerIdentity(deployment="d", candidate="tiny", depth=3, model="m", profile=False)
+    settings = options.server_settings(identity, model_layers=6)
+    assert (settings.model_name, settings.candidate, settings.depth, settings.model_layers) == ("tiny", "tiny", 3, 6)
+    assert settings.api_token == "s3cret" and settings.drain_timeout_seconds == 7.0
