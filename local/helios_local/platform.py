@@ -98,9 +98,15 @@ class LocalWorker:
     desired: EnsureWorker
     created_at: float
     replicas: list[Replica] = field(default_factory=list)
+    retiring: list[Replica] = field(default_factory=list)  # an older template's, serving until the new are Ready
     restarts: int = 0
     next_start_at: float = 0.0  # restart back-off
     last_exit: str = ""  # why its last process exited (exit code, log tail)
+
+    @property
+    def pods(self) -> list[Replica]:
+        """Every process it runs, old template and new, as a Deployment's pods mid-rollout."""
+        return [*self.replicas, *self.retiring]
 
 
 def read_rss_bytes(pid: int) -> int:
@@ -181,12 +187,16 @@ class LocalPlatform:
 
     async def _ensure(self, action: EnsureWorker) -> None:
         current = self._workers.get(action.name)
-        if current is not None and replace(current.desired, replicas=action.replicas, pool=action.pool) != action:
+        same = replace(action, replicas=0, pool="", template="")
+        if current is not None and replace(current.desired, replicas=0, pool="", template="") != same:
             self._delete(action.name)  # another model or depth under the same name: replace it
             current = None
         if current is None:
             current = LocalWorker(desired=action, created_at=time.time())
             self._workers[action.name] = current
+        if current.desired.template != action.template:  # roll: new processes first, as maxUnavailable 0
+            current.retiring += current.replicas
+            current.replicas = []
         current.desired = action
         await self._scale(current)
 
@@ -223,7 +233,7 @@ class LocalPlatform:
         worker = self._workers.pop(name, None)
         if worker is None:
             return
-        for replica in worker.replicas:
+        for replica in worker.pods:
             self._drain(replica)
         self._sync_router()
 
@@ -266,6 +276,7 @@ class LocalPlatform:
     async def observe(self, owner: Owner) -> Observed:
         """Probe every process (exit, /readyz), replace dead ones, and report what is ready."""
         for name, worker in self._workers.items():
+            worker.retiring = [r for r in worker.retiring if r.process.returncode is None]
             for replica in list(worker.replicas):
                 if replica.process.returncode is not None:
                     worker.replicas.remove(replica)
@@ -278,10 +289,14 @@ class LocalPlatform:
                         f"{log_tail(replica.log_path)}"
                     )
                     self.record("Warning", "WorkerExited", worker.last_exit)
-        everyone = [r for w in self._workers.values() for r in w.replicas]
+        everyone = [r for w in self._workers.values() for r in w.pods]
         await asyncio.gather(*(self._probe_ready(r) for r in everyone))
         for worker in self._workers.values():
             await self._scale(worker)
+            if worker.retiring and sum(r.ready for r in worker.replicas) >= worker.desired.replicas:
+                for replica in worker.retiring:  # the new template serves: the old processes drain
+                    self._drain(replica)
+                worker.retiring = []
         self._sync_router()
         return Observed(
             workers=tuple(
@@ -292,8 +307,9 @@ class LocalPlatform:
                     role=w.desired.role,
                     pool=w.desired.pool,
                     replicas=w.desired.replicas,
-                    ready_replicas=sum(r.ready for r in w.replicas),
+                    ready_replicas=sum(r.ready for r in w.pods),
                     created_at=w.created_at,
+                    template=w.desired.template,
                 )
                 for name, w in self._workers.items()
             ),
@@ -314,7 +330,7 @@ class LocalPlatform:
         pools: dict[str, list[str]] = {}
         for w in self._workers.values():
             members = pools.setdefault(w.desired.pool, [])
-            members.extend(r.url for r in w.replicas if r.ready)
+            members.extend(r.url for r in w.pods if r.ready)
         for pool, members in pools.items():
             self.router.set_pool(pool, members)
         for pool in set(self._known_pools) - set(pools):
@@ -323,11 +339,11 @@ class LocalPlatform:
 
     def endpoints(self) -> dict[str, str]:
         """Ready replicas' base URLs -> their worker's name: what scrape_workers reads."""
-        return {r.url: name for name, w in self._workers.items() for r in w.replicas if r.ready}
+        return {r.url: name for name, w in self._workers.items() for r in w.pods if r.ready}
 
     def resident_bytes(self) -> dict[str, int]:
         """Resident memory of each worker's processes, summed over replicas."""
-        return {name: sum(read_rss_bytes(r.process.pid) for r in w.replicas) for name, w in self._workers.items()}
+        return {name: sum(read_rss_bytes(r.process.pid) for r in w.pods) for name, w in self._workers.items()}
 
     def crash_looping(self, restarts: int = 3) -> dict[str, str]:
         """Workers that exited this many times (name -> the last exit's log tail): CrashLoopBackOff."""

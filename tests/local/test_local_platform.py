@@ -188,6 +188,36 @@ async def test_a_switch_under_load_drops_no_request(platform: LocalPlatform) -> 
     assert platform.router.stats.failed == 0
 
 
+async def test_a_changed_template_rolls_the_worker_with_no_failed_request(platform: LocalPlatform) -> None:
+    """A spec change (env, image, dtype...) under the same worker name: new processes first, then the
+    old ones drain, as a Deployment with maxUnavailable 0 does."""
+    first = dataclasses.replace(ensure("w1", "p", replicas=2), template="aaaa")
+    await platform.apply(OWNER, SPEC, [first, PointService("p")])
+    await observe_until(platform, ready("w1", 2))
+    old = [r.process for r in platform._workers["w1"].replicas]
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            resp = await client.post(platform.router.url + "/v1/completions", json={"max_tokens": 2, "delay": 0.05})
+            statuses.append(resp.status_code)
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        tasks = [asyncio.create_task(client_loop(client)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        await platform.apply(OWNER, SPEC, [dataclasses.replace(first, template="bbbb")])
+        observed = await observe_until(platform, lambda o: not platform._workers["w1"].retiring)
+        await asyncio.gather(*(asyncio.wait_for(proc.wait(), 20) for proc in old))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+    w = observed.worker("w1")
+    assert w is not None and w.template == "bbbb" and w.ready_replicas == 2
+    assert {r.process.pid for r in platform._workers["w1"].replicas}.isdisjoint({p.pid for p in old})
+    assert statuses and set(statuses) == {200} and platform.router.stats.failed == 0
+
+
 async def test_a_crashed_worker_process_is_replaced_and_reported(platform: LocalPlatform) -> None:
     await platform.apply(OWNER, SPEC, [ensure("w1", "p")])
     await observe_until(platform, ready("w1", 1))

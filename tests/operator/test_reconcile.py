@@ -100,7 +100,15 @@ class Platform:
                 old = self.workers.get(a.name)
                 ready = min(old.ready_replicas, a.replicas) if old else 0
                 self.workers[a.name] = ObservedWorker(
-                    a.name, a.candidate, a.depth, a.role, a.pool, a.replicas, ready, old.created_at if old else self.now
+                    a.name,
+                    a.candidate,
+                    a.depth,
+                    a.role,
+                    a.pool,
+                    a.replicas,
+                    ready,
+                    old.created_at if old else self.now,
+                    template=a.template,
                 )
             elif isinstance(a, DeleteWorker):
                 self.workers.pop(a.name)
@@ -398,8 +406,17 @@ def test_scaling_changes_only_the_active_workers_replicas() -> None:
     p.spec = replace(SPEC, replicas=4)
     result = p.step()
     assert [a for a in result.actions if not isinstance(a, EmitEvent)] == [
-        EnsureWorker("chat-small-l5", "small", "/models/small", 5, "serve", "chat-small-l5", 4)
-    ]
+        EnsureWorker(
+            "chat-small-l5",
+            "small",
+            "/models/small",
+            5,
+            "serve",
+            "chat-small-l5",
+            4,
+            p.workers["chat-small-l5"].template,
+        )
+    ]  # the same template: a scale, not a roll
     c = result.status.condition("Degraded")
     assert c is not None and c.reason == "ReplicasUnavailable"
 

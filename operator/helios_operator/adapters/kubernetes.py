@@ -258,6 +258,7 @@ def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None
         failure=pods.failure if pods else None,
         unschedulable=pods.unschedulable if pods else None,
         scheduled_at=pods.scheduled_at or None if pods else None,
+        template=(meta.get("annotations") or {}).get(names.ANNOTATION_TEMPLATE),
     )
 
 
@@ -411,15 +412,27 @@ class KubernetesPlatform:
             manifest["metadata"]["namespace"] = owner.namespace
             self.api.request("POST", _deployments(owner.namespace), manifest)
             return
-        labels = (current.get("metadata") or {}).get("labels") or {}
+        meta = current.get("metadata") or {}
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         replicas = (current.get("spec") or {}).get("replicas")
-        if replicas == action.replicas and labels.get(names.LABEL_POOL) == action.pool:
+        changed = bool(action.template) and annotations.get(names.ANNOTATION_TEMPLATE) != action.template
+        if replicas == action.replicas and labels.get(names.LABEL_POOL) == action.pool and not changed:
             return
-        template_labels = ((manifest.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels")
+        template = (manifest.get("spec") or {}).get("template") or {}
+        template_labels = (template.get("metadata") or {}).get("labels")
         patch: dict[str, Any] = {
             "metadata": {"labels": (manifest.get("metadata") or {}).get("labels") or {}},
             "spec": {"replicas": action.replicas},
         }
+        if changed:  # image, env, resources, model...: the Deployment rolls its pods (maxUnavailable 0)
+            self.api.request("PATCH", _deployments(owner.namespace, action.name), patch, MERGE)
+            annotation = "/metadata/annotations/" + names.ANNOTATION_TEMPLATE.replace("/", "~1")
+            ops = [{"op": "replace", "path": "/spec/template", "value": template}]  # whole: removed keys go too
+            if "annotations" not in meta:
+                ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+            ops.append({"op": "add", "path": annotation, "value": action.template})
+            self.api.request("PATCH", _deployments(owner.namespace, action.name), ops, JSON_PATCH)
+            return
         if template_labels:  # the pool moves with the pods' labels (the Service selects pods)
             patch["spec"]["template"] = {"metadata": {"labels": template_labels}}
         self.api.request("PATCH", _deployments(owner.namespace, action.name), patch, MERGE)

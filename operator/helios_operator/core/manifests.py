@@ -180,10 +180,13 @@ def worker_deployment(
         pod_spec["nodeSelector"] = dict(spec.worker.node_selector)
     if spec.worker.tolerations:
         pod_spec["tolerations"] = list(spec.worker.tolerations)
+    metadata = _metadata(action.name, namespace, labels, owner_uid, hd_name)
+    if action.template:
+        metadata["annotations"] = {names.ANNOTATION_TEMPLATE: action.template}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(action.name, namespace, labels, owner_uid, hd_name),
+        "metadata": metadata,
         "spec": {
             "replicas": action.replicas,
             "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_WORKER: action.name}},

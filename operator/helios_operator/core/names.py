@@ -25,6 +25,7 @@ LABEL_DEPTH = f"{GROUP}/depth"
 LABEL_ROLE = f"{GROUP}/role"  # profile | serve
 LABEL_WORKER = f"{GROUP}/worker"  # the worker Deployment's name
 LABEL_POOL = f"{GROUP}/pool"  # the Service selects one pool; workers that share live traffic share it
+ANNOTATION_TEMPLATE = f"{GROUP}/template"  # on worker Deployments: EnsureWorker.template they run
 LABEL_SERVICE = f"{GROUP}/service"  # on our Services: stable (clients) | metrics (headless, every worker)
 SERVICE_STABLE = "stable"
 SERVICE_METRICS = "metrics"

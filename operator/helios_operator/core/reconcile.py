@@ -30,6 +30,7 @@ from helios_operator.core.types import (
     StepInput,
     StepResult,
 )
+from helios_operator.core.worker_args import worker_template
 
 BUSY_REQUEUE = 5.0  # profiling, reassessing, switching: something changes within seconds
 IDLE_REQUEUE = 30.0  # serving: telemetry moves on Prometheus' scrape interval
@@ -468,9 +469,11 @@ def _ensure(
     # objects (an operator killed, or its status patch lost, after it created them). The later
     # phase's word wins (_normalise keeps the last), so say it even when nothing is to change.
     dropped = any(isinstance(a, DeleteWorker) and a.name == name for a in d.actions)
-    if seen is not None and seen.replicas == replicas and seen.pool == pool and not dropped:
+    template = worker_template(d.inp.spec, c.model)
+    same = seen is not None and seen.replicas == replicas and seen.pool == pool and seen.template in (None, template)
+    if same and not dropped:
         return
-    d.actions.append(EnsureWorker(name, candidate, c.model, depth, role, pool, replicas))
+    d.actions.append(EnsureWorker(name, candidate, c.model, depth, role, pool, replicas, template))
 
 
 def _ensure_active(d: _Draft, active: Placement) -> None:

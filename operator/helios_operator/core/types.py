@@ -19,7 +19,8 @@ Role = Literal["profile", "serve"]
 OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency", "energy")
 MODES: tuple[Mode, ...] = ("active", "advisory")
 MAX_CANDIDATES = 8
-GPU_RESOURCE = "nvidia.com/gpu"  # the extended resource the NVIDIA device plugin advertises
+GPU_RESOURCE = "nvidia.com/gpu"
+WORKER_DTYPES = ("auto", "bfloat16", "float16", "float32")  # the extended resource the NVIDIA device plugin advertises
 MAX_DECISIONS = 20  # status.decisions is bounded; older entries fall off
 
 
@@ -80,6 +81,7 @@ class WorkerSpec:
     env: tuple[dict[str, Any], ...] = ()
     max_batch: int = 64
     api_token_secret: SecretKey | None = None  # the bearer token the worker's /v1 routes require
+    dtype: str = "auto"  # auto: bfloat16 on the GPU the pod gets, float32 on a CPU-only node
 
     @property
     def pod_resources(self) -> dict[str, Any]:
@@ -180,7 +182,10 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
         env=tuple(wk.get("env") or ()),
         max_batch=int(wk.get("maxBatch", WorkerSpec.max_batch)),
         api_token_secret=SecretKey(str(token["name"]), str(token["key"])) if token else None,
+        dtype=str(wk.get("dtype", WorkerSpec.dtype)),
     )
+    if worker.dtype not in WORKER_DTYPES:
+        raise SpecError(f"spec.worker.dtype must be one of {', '.join(WORKER_DTYPES)}, got {worker.dtype!r}")
     replicas = int(spec.get("replicas", 1))
     if replicas < 0:
         raise SpecError("spec.replicas must not be negative")
@@ -332,6 +337,7 @@ class ObservedWorker:
     failure: str | None = None  # a pod's container crashing or stuck, with the worker's own error line
     unschedulable: str | None = None  # the scheduler's word while a pod waits for a node; None: placed or unknown
     scheduled_at: float | None = None  # epoch seconds its pods were all placed; None: not yet, or not reported
+    template: str | None = None  # EnsureWorker.template it runs; None: not recorded (left as it is)
 
     @property
     def started_at(self) -> float:
@@ -365,6 +371,7 @@ class EnsureWorker:
     role: Role
     pool: str
     replicas: int
+    template: str = ""  # a fingerprint of everything else the pods are made of: a change rolls them
 
 
 @dataclass(frozen=True)
