@@ -36,12 +36,12 @@ import kopf
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from tests.operator.kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
-from tests.operator.profiles import profile
 
 from helios_operator import handlers
 from helios_operator.core import names
 from helios_operator.core.types import HeliosSpec, TelemetrySnapshot, WorkerTelemetry
+from tests.operator.kmock_support import FakeCluster, fake_cluster  # noqa: F401  (the fixture)
+from tests.operator.profiles import profile
 
 pytestmark = [
     pytest.mark.timeout(60),
