@@ -21,7 +21,9 @@ EXPECTED_NAMESPACED = {
     ("", "events", "create"),
 }
 EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "delete")}
-EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {
+    ("", "nodes", "list")  # the GPU supply
+}
 EXPECTED_ALL_NAMESPACES = {("", "namespaces", v) for v in ("list", "watch")}
 
 

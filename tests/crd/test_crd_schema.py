@@ -155,6 +155,8 @@ def _camel(name: str) -> str:
 
 # Scalar defaults the CRD deliberately leaves out, and why.
 NOT_DEFAULTED_IN_CRD = {
+    # absent means "as many as the nodes' GPUs allow": the operator reads the supply at run time
+    "profiling.maxConcurrentWorkers",
     # absent means "the operator's HELIOS_WORKER_IMAGE" (settings.worker_image; the chart sets it)
     "worker.image",
     # absent means "no token": the workers serve /v1 open

@@ -400,8 +400,8 @@ async def test_killed_after_every_write_of_a_switch_the_restarted_operator_conve
         refused = [str(w) for w in life.journal if w.code >= 400 and not (w.method == "DELETE" and w.code == 404)]
         assert not refused, f"{where}: writes the API refused (a duplicate create is a 409): {refused}"
         assert life.decisions() == decisions, f"{where}: decisions {life.decisions()}, not {decisions}"
-        got = life.events()  # at-least-once: the killed reconcile's Events may come again, once
-        assert set(got) == set(events) and all(got[r] <= events[r] + 1 for r in got), f"{where}: Events {got}"
+        got = life.events()  # at-least-once: each Event of the killed reconcile may come again, once
+        assert set(got) == set(events) and all(got[r] <= 2 * events[r] for r in got), f"{where}: Events {got}"
         assert observer.checks[life.ns] >= len(life.journal)
         left = reconciles - next(i for i, m in enumerate(marks) if m >= k)  # the killed one included
         assert n <= left, f"{where}: {n} reconciles after the restart, the uninterrupted run had {left} left"

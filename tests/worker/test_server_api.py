@@ -154,6 +154,8 @@ def test_metrics_carry_every_contract_series_with_identity_labels(base_url: str)
         assert name in samples, name
         for labels, _ in samples[name]:
             assert (labels["deployment"], labels["candidate"], labels["depth"]) == ("api-test", "tiny", str(DEPTH))
+    ((info, _),) = samples["helios_worker_info"]
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")  # `auto` on a machine with no GPU
     values = {n: v for n, rows in samples.items() for labels, v in rows if len(rows) == 1}
     assert values["helios_loaded_layers"] == DEPTH
     assert values["helios_model_layers"] > DEPTH

@@ -9,7 +9,9 @@ from helios_worker import contract
 from helios_worker.engine.api import Finished
 from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics, finish_status
 
-IDENTITY = WorkerIdentity(deployment="shop", candidate="tiny", depth=4, model="tiny-model", profile=True)
+IDENTITY = WorkerIdentity(
+    deployment="shop", candidate="tiny", depth=4, model="tiny-model", profile=True, device="cuda:0", dtype="bfloat16"
+)
 BASE = {"deployment": "shop", "candidate": "tiny", "depth": "4"}
 
 
@@ -50,7 +52,9 @@ def test_every_contract_metric_is_exposed_with_base_labels_before_any_traffic() 
         assert value(found, "helios_layer_agreement_total", layer=str(layer)) == 0
         assert value(found, "helios_depth_agreement_total", layer=str(layer)) == 0
     assert value(found, "helios_model_layers") == 4
-    assert value(found, "helios_worker_info", model="tiny-model", profile="true") == 1
+    assert (
+        value(found, "helios_worker_info", model="tiny-model", profile="true", device="cuda:0", dtype="bfloat16") == 1
+    )
 
 
 def test_observer_hooks_drive_the_series() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--model", ".", "--threshold", "1.5"], "--threshold"),
         (["--model", ".", "--max-batch", "0"], "--max-batch"),
         (["--model", "."], "no config.json"),
+        (["--model", ".", "--device", "tpu"], "--device tpu"),
     ],
 )
 def test_bad_options_exit_2_with_a_message_and_no_traceback(args: list[str], message: str) -> None:
@@ -36,6 +38,19 @@ def test_bad_options_exit_2_with_a_message_and_no_traceback(args: list[str], mes
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_gpu_asked_for_where_none_is_visible_exits_2(tiny_model_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "helios_worker", "--model", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HELIOS_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_layers_beyond_the_model_exit_2(tiny_model_dir: Path) -> None:

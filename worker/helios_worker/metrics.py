@@ -29,6 +29,8 @@ class WorkerIdentity:
     depth: int
     model: str
     profile: bool = False
+    device: str = "cpu"  # what it really serves on, after `auto` is resolved
+    dtype: str = "float32"
 
     @property
     def base_labels(self) -> dict[str, str]:
@@ -130,7 +132,13 @@ class WorkerMetrics:
         self._sizes[contract.MODEL_LAYERS.name].set(model_layers)
         self._sizes[contract.LOADED_LAYERS.name].set(identity.depth)
         info = gauge(contract.WORKER_INFO)
-        info.labels(**base, model=identity.model, profile=str(identity.profile).lower()).set(1)
+        info.labels(
+            **base,
+            model=identity.model,
+            profile=str(identity.profile).lower(),
+            device=identity.device,
+            dtype=identity.dtype,
+        ).set(1)
 
         self.profiling = identity.profile
         if identity.profile:  # profiling series exist only on a profiling worker

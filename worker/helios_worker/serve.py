@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from helios_worker.engine.api import ConfidenceMeasure, EngineConfig
+from helios_worker.placement import AUTO, DTYPES, ENV_DEVICE, ENV_DTYPE, PlacementError, check_request
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -28,7 +29,6 @@ ENV_CANDIDATE = "HELIOS_CANDIDATE"
 ENV_API_TOKEN = "HELIOS_API_TOKEN"
 DEFAULT_DEPLOYMENT = "local"
 DEFAULT_PORT = 8000
-DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("helios.worker")
@@ -53,8 +53,8 @@ class WorkerOptions:
     max_batch: int = 64
     max_queue: int = 256
     max_context: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = AUTO  # auto: CUDA when a GPU is visible, else the CPU
+    dtype: str = AUTO  # auto: bfloat16 on CUDA, float32 on the CPU
     api_token_file: Path | None = None
     api_token: str | None = None  # from HELIOS_API_TOKEN when no file is given
     log_level: str = "info"
@@ -141,8 +141,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-batch", type=_positive_int, default=d.max_batch, help="rows in the running batch")
     add("--max-queue", type=_positive_int, default=d.max_queue, help="waiting requests before 429")
     add("--max-context", type=_positive_int, help="tokens per request (default: the model's)")
-    add("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
-    add("--dtype", choices=DTYPES, default=d.dtype, help="weight and KV dtype (bfloat16 on a GPU)")
+    add("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: ${ENV_DEVICE} or auto: CUDA when a GPU is visible)")
+    add(
+        "--dtype",
+        choices=(AUTO, *DTYPES),
+        help=f"weight and KV dtype (default: ${ENV_DTYPE} or auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     add("--api-token-file", type=Path, help=f"require this bearer token on /v1 (else ${ENV_API_TOKEN}, else open)")
     add("--drain-timeout", type=_non_negative, default=d.drain_timeout, help="seconds in-flight requests get")
     add("--log-level", choices=LOG_LEVELS, default=d.log_level, help="debug also logs request paths, never bodies")
@@ -165,8 +169,8 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_context=args.max_context,
-        device=args.device,
-        dtype=args.dtype,
+        device=args.device or env.get(ENV_DEVICE) or AUTO,
+        dtype=args.dtype or env.get(ENV_DTYPE) or AUTO,
         api_token_file=args.api_token_file,
         api_token=env.get(ENV_API_TOKEN) or None,
         log_level=args.log_level,
@@ -181,8 +185,10 @@ def check_options(options: WorkerOptions) -> WorkerOptions:
         raise OptionError(f"--model {options.model}: not a directory")
     if not (options.model / "config.json").is_file():
         raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
-    if not options.device.startswith(("cpu", "cuda")):
-        raise OptionError(f"--device {options.device}: expected cpu or cuda[:N]")
+    try:
+        check_request(options.device, options.dtype)
+    except PlacementError as error:
+        raise OptionError(str(error)) from None
     token = options.api_token
     if options.api_token_file is not None:
         try:
@@ -202,10 +208,14 @@ def build_app(options: WorkerOptions) -> FastAPI:
     from helios_worker.engine.engine import Engine
     from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics
     from helios_worker.models.loading import ModelLoadError, load_partial
+    from helios_worker.placement import resolve_placement
     from helios_worker.server.app import create_app
 
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"--device {options.device}: CUDA is not available here")
+    try:
+        placement = resolve_placement(options.device, options.dtype, torch.cuda.device_count())
+    except PlacementError as error:
+        raise OptionError(str(error)) from None
+    options = replace(options, device=placement.device, dtype=placement.dtype)
     dtype = getattr(torch, options.dtype)
     try:
         model = load_partial(options.model, options.layers, device=options.device, dtype=dtype)
@@ -221,6 +231,8 @@ def build_app(options: WorkerOptions) -> FastAPI:
         depth=model.loaded_layers,
         model=options.model.resolve().name,
         profile=options.profile,
+        device=options.device,
+        dtype=options.dtype,
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
     telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
@@ -237,7 +249,12 @@ def build_app(options: WorkerOptions) -> FastAPI:
     )
     settings = options.server_settings(identity, model.model_layers)
     log.info(
-        "loaded %s: %d of %d layers on %s", identity.model, model.loaded_layers, model.model_layers, options.device
+        "loaded %s: %d of %d layers on %s in %s",
+        identity.model,
+        model.loaded_layers,
+        model.model_layers,
+        options.device,
+        options.dtype,
     )
     return create_app(engine, model.tokenizer, telemetry, settings)
 

@@ -12,12 +12,14 @@ label selectors; a real one honours them, which only makes the list shorter).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import threading
 import time
 from calendar import timegm
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +28,7 @@ from kubernetes import client as k8s
 
 from helios_operator.core import manifests, names
 from helios_operator.core.types import (
+    GPU_RESOURCE,
     DeleteWorker,
     EmitEvent,
     EnsureMonitoring,
@@ -40,6 +43,8 @@ from helios_operator.core.types import (
     Status,
 )
 from helios_operator.platform import PlatformError
+
+log = logging.getLogger(__name__)
 
 
 def configure_client() -> None:
@@ -106,6 +111,7 @@ def _service_monitors(namespace: str, name: str = "") -> str:
 
 
 SERVICE_MONITOR_CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com"
+NODES_RECHECK_S = 30.0  # how long the nodes' GPU supply is believed
 CRD_RECHECK_S = 300.0  # how long the presence (or absence) of the ServiceMonitor CRD is believed
 
 
@@ -156,7 +162,8 @@ def _error_line(message: str | None) -> str:
 
 def pod_failure(pod: Mapping[str, Any]) -> str | None:
     """Why a worker pod cannot serve (a container that crashed and is not Ready again, one stuck
-    waiting, an unschedulable pod), worded the same at every restart; None if it may serve."""
+    waiting), worded the same at every restart; None if it may serve. A pod waiting for a node is
+    not a failure: see `pod_unschedulable`."""
     status = pod.get("status") or {}
     statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
     for cs in statuses:
@@ -172,13 +179,60 @@ def pod_failure(pod: Mapping[str, Any]) -> str | None:
         if waiting.get("reason") in STUCK_REASONS:
             line = _error_line(waiting.get("message"))
             return f"container {cs.get('name', '?')} {waiting['reason']}" + (f": {line}" if line else "")
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
-            return f"pod unschedulable: {_error_line(condition.get('message')) or 'no node fits'}"
     return None
 
 
-def observed_worker(deployment: Mapping[str, Any], failure: str | None = None) -> ObservedWorker | None:
+def _scheduled(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "PodScheduled"), None)
+
+
+def pod_unschedulable(pod: Mapping[str, Any]) -> str | None:
+    """The scheduler's message while the pod waits for a node (a cluster autoscaler may add one)."""
+    condition = _scheduled(pod)
+    if condition is not None and condition.get("status") == "False" and condition.get("reason") == "Unschedulable":
+        return _error_line(condition.get("message")) or "no node fits"
+    return None
+
+
+def pod_scheduled_at(pod: Mapping[str, Any]) -> float | None:
+    """When the pod got its node (PodScheduled's transition time); None while it has none."""
+    condition = _scheduled(pod)
+    if condition is None or condition.get("status") != "True":
+        return None
+    return _epoch(condition.get("lastTransitionTime"))
+
+
+@dataclass
+class PodStates:
+    """What a worker's pods say, beyond its Deployment's counts."""
+
+    failure: str | None = None
+    unschedulable: str | None = None
+    scheduled_at: float | None = 0.0  # the latest placement; None once any pod has no node
+
+    def add(self, pod: Mapping[str, Any]) -> None:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        failure, waiting, placed = pod_failure(pod), pod_unschedulable(pod), pod_scheduled_at(pod)
+        if self.failure is None and failure is not None:
+            self.failure = f"pod {name}: {failure}"
+        if self.unschedulable is None and waiting is not None:
+            self.unschedulable = f"pod {name}: {waiting}"
+        self.scheduled_at = None if placed is None or self.scheduled_at is None else max(self.scheduled_at, placed)
+
+
+def gpu_supply(nodes: Mapping[str, Any]) -> int:
+    """`nvidia.com/gpu` allocatable on the nodes that take new pods (Ready, not cordoned)."""
+    total = 0
+    for node in nodes.get("items") or []:
+        spec, status = node.get("spec") or {}, node.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready and not spec.get("unschedulable"):
+            total += int(str((status.get("allocatable") or {}).get(GPU_RESOURCE, "0")) or 0)
+    return total
+
+
+def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None) -> ObservedWorker | None:
     """A worker Deployment -> what the step needs to know of it; None if its labels are not ours."""
     meta = deployment.get("metadata") or {}
     labels = meta.get("labels") or {}
@@ -201,7 +255,9 @@ def observed_worker(deployment: Mapping[str, Any], failure: str | None = None) -
         replicas=int(spec.get("replicas", 1) or 0),
         ready_replicas=int(status.get("readyReplicas") or 0),
         created_at=_epoch(meta.get("creationTimestamp")),
-        failure=failure,
+        failure=pods.failure if pods else None,
+        unschedulable=pods.unschedulable if pods else None,
+        scheduled_at=pods.scheduled_at or None if pods else None,
     )
 
 
@@ -213,6 +269,8 @@ class KubernetesPlatform:
         self.service_monitors = service_monitors  # create them where the Prometheus Operator's CRD is
         self._crd_seen: tuple[float, bool] | None = None  # (checked at, present)
         self._crd_lock = threading.Lock()
+        self._nodes_seen: tuple[float, int | None] | None = None  # (checked at, GPU supply)
+        self._nodes_lock = threading.Lock()
 
     # -- the Platform protocol
 
@@ -238,12 +296,12 @@ class KubernetesPlatform:
 
     def observe_now(self, owner: Owner) -> Observed:
         deployments = self.api.request("GET", _deployments(owner.namespace))
-        failures = self._pod_failures(owner)
+        pods = self._pod_states(owner)
         workers: list[ObservedWorker] = []
         for d in deployments.get("items") or []:
             if not _owned_by(d, owner.name) or (d.get("metadata") or {}).get("deletionTimestamp"):
                 continue
-            w = observed_worker(d, failures.get(str((d.get("metadata") or {}).get("name"))))
+            w = observed_worker(d, pods.get(str((d.get("metadata") or {}).get("name"))))
             if w is not None:
                 workers.append(w)
         services = self.api.request("GET", _services(owner.namespace))
@@ -252,20 +310,35 @@ class KubernetesPlatform:
             if _owned_by(s, owner.name) and _service_kind(s) == names.SERVICE_STABLE:
                 pool = ((s.get("spec") or {}).get("selector") or {}).get(names.LABEL_POOL)
                 break
-        return Observed(workers=tuple(sorted(workers, key=lambda w: w.name)), service_pool=pool)
+        return Observed(
+            workers=tuple(sorted(workers, key=lambda w: w.name)), service_pool=pool, gpu_supply=self._gpu_supply()
+        )
 
-    def _pod_failures(self, owner: Owner) -> dict[str, str]:
-        """Worker name -> the first failing pod's reason (pods filtered by label on this side too)."""
-        failures: dict[str, str] = {}
+    def _pod_states(self, owner: Owner) -> dict[str, PodStates]:
+        """Worker name -> what its pods say (pods filtered by label on this side too)."""
+        states: dict[str, PodStates] = {}
         for pod in self.api.request("GET", _pods(owner.namespace, owner.name)).get("items") or []:
-            labels = (pod.get("metadata") or {}).get("labels") or {}
+            meta = pod.get("metadata") or {}
+            labels = meta.get("labels") or {}
             worker = labels.get(names.LABEL_WORKER)
-            if labels.get(names.LABEL_DEPLOYMENT) != owner.name or not worker or worker in failures:
+            if labels.get(names.LABEL_DEPLOYMENT) != owner.name or not worker or meta.get("deletionTimestamp"):
                 continue
-            failure = pod_failure(pod)
-            if failure is not None:
-                failures[worker] = f"pod {(pod.get('metadata') or {}).get('name', '?')}: {failure}"
-        return failures
+            states.setdefault(worker, PodStates()).add(pod)
+        return states
+
+    def _gpu_supply(self) -> int | None:
+        """The nodes' GPUs, read at most every NODES_RECHECK_S; None where RBAC hides the nodes."""
+        with self._nodes_lock:
+            if self._nodes_seen is not None and time.monotonic() - self._nodes_seen[0] < NODES_RECHECK_S:
+                return self._nodes_seen[1]
+            try:
+                supply: int | None = gpu_supply(self.api.request("GET", "/api/v1/nodes"))
+            except (KubeApiError, httpx.HTTPError) as err:
+                why = f"HTTP {err.status}" if isinstance(err, KubeApiError) else type(err).__name__
+                log.info("GPU supply unknown (nodes not readable: %s); profiling is bounded by the spec only", why)
+                supply = None
+            self._nodes_seen = (time.monotonic(), supply)
+            return supply
 
     # -- monitoring: the headless metrics Service always, a ServiceMonitor where it can exist
 

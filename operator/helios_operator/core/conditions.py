@@ -12,7 +12,8 @@ PROFILING = "Profiling"
 METRICS_AVAILABLE = "MetricsAvailable"
 ROLLOUT_PROGRESSING = "RolloutProgressing"
 DEGRADED = "Degraded"
-ALL: tuple[str, ...] = (READY, PROFILING, METRICS_AVAILABLE, ROLLOUT_PROGRESSING, DEGRADED)
+CAPACITY_AVAILABLE = "CapacityAvailable"  # False while a worker pod waits for a node
+ALL: tuple[str, ...] = (READY, PROFILING, METRICS_AVAILABLE, ROLLOUT_PROGRESSING, CAPACITY_AVAILABLE, DEGRADED)
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 

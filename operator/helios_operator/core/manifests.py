@@ -13,7 +13,6 @@ from helios_operator.core import names
 from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
 from helios_operator.core.worker_args import DRAIN_TIMEOUT_S, worker_args
 
-GPU = "nvidia.com/gpu"
 API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
 MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
 HF_DIR = f"{MODELS_ROOT}/hf"
@@ -135,7 +134,7 @@ def worker_deployment(
         raise ValueError("spec.worker.image is unset: the controller fills in the operator's worker_image")
     source = model_source(action.model, image, spec.worker.env)
     labels = worker_labels(hd_name, action)
-    resources = _quantities_as_strings(dict(spec.worker.resources) or {"limits": {GPU: 1}})
+    resources = _quantities_as_strings(spec.worker.pod_resources)
     http = names.WORKER_PORT_NAME
     container = {
         "name": "worker",

@@ -21,6 +21,7 @@ from helios_operator.core.types import (
     DeleteWorker,
     EmitEvent,
     EnsureWorker,
+    Observed,
     ObservedWorker,
     Phase,
     Placement,
@@ -71,7 +72,12 @@ def _pending(d: _Draft) -> None:
     names = ", ".join(c.name for c in d.inp.spec.candidates)
     _event(d, "ProfilingStarted", f"round {r}: profiling {names} at full depth on live traffic")
     d.status = d.status.with_changes(
-        phase="Profiling", profiling_round=r, profiling_since=cond.timestamp(d.inp.now), target=None
+        phase="Profiling",
+        profiling_round=r,
+        profiling_since=cond.timestamp(d.inp.now),
+        target=None,
+        round_profiles=(),
+        round_dropped=(),
     )
 
 
@@ -80,16 +86,16 @@ def _profiling(d: _Draft) -> None:
     active = d.status.active
     if active is not None and d.status.phase == "Profiling":
         d.status = d.status.with_changes(phase="Reassessing")
-    keep = _ensure_round(d)
+    _advance_round(d)
+    keep, release = _ensure_round(d)
     if active is None:
         _point(d, _round_pool(d))
     else:
         _ensure_active(d, active)
         keep.add(active.worker)
-    _collect(d, keep)
-    profiles = _completed_profiles(d)
-    if profiles is not None:
-        _conclude_profiling(d, profiles)
+    _collect(d, keep, release)
+    if _round_settled(d):
+        _conclude_round(d)
 
 
 def _switching(d: _Draft) -> None:
@@ -117,25 +123,40 @@ def _switching(d: _Draft) -> None:
         )
         return
     keep = {target.worker}
+    worker = obs.worker(target.worker)
+    waiting = worker is not None and worker.unschedulable is not None
+    release = False
     if active is not None:
         _ensure_active(d, active)
         keep.add(active.worker)
+    elif waiting and worker is not None and worker.ready_replicas > 0:
+        # The round's last worker holds a GPU the target's other pods need: move traffic to the
+        # target's Ready pods first; the commit above then releases the round.
+        keep |= _ensure_round(d)[0]
+        _point(d, target.worker)
+    elif waiting:
+        release = True  # no target pod placed yet: let the round's GPUs go (a short gap, no deadlock)
     else:
-        keep |= _ensure_round(d)
-    worker = obs.worker(target.worker)
+        keep |= _ensure_round(d)[0]
     ready = worker is not None and worker.ready_replicas >= desired
-    _collect(d, keep)
+    _collect(d, keep, release)
     if ready:
         _point(d, target.worker)
         return
     started = cond.parse_timestamp(d.status.switch_started) or d.inp.now
     timeout = spec.rollout.ready_timeout_seconds
+    if worker is not None and waiting:
+        started, timeout = worker.created_at, spec.rollout.schedule_timeout_seconds
+    elif worker is not None:
+        started = max(started, worker.started_at)
     if d.inp.now - started < timeout:
         return
     _delete(d, target.worker)
     serving = f"{active.candidate} at {active.depth} layers" if active else f"the profiling pool {_round_pool(d)}"
     why = f"{target.candidate} at {target.depth} layers was not Ready within {timeout}s"
-    if worker is not None and worker.failure:
+    if waiting and worker is not None:
+        why = f"{target.candidate} at {target.depth} layers found no node within {timeout}s ({worker.unschedulable})"
+    elif worker is not None and worker.failure:
         why += f" ({worker.failure})"
     why += f": rolled back; {serving} keeps serving"
     _decide(d, "rollback", target.candidate, target.depth, why, applied=True)
@@ -173,9 +194,9 @@ def _serving(d: _Draft) -> None:
 def _serving_from_round(d: _Draft) -> None:
     """No active worker (advisory mode, or the first switch rolled back): the round's pool serves."""
     spec, tel = d.inp.spec, d.inp.telemetry
-    keep = _ensure_round(d)
+    keep, release = _ensure_round(d)
     _point(d, _round_pool(d))
-    _collect(d, keep)
+    _collect(d, keep, release)
     last = d.status.decisions[-1] if d.status.decisions else None
     if spec.mode == "active" and (last is None or last.trigger != "rollback"):
         # Mode turned active, or status was lost: act on the profiles at hand.
@@ -217,7 +238,13 @@ _HANDLERS = {
 def _start_reassessment(d: _Draft) -> None:
     r = d.status.profiling_round + 1
     _event(d, "ReassessmentStarted", f"round {r}: re-profiling every candidate beside the active worker")
-    d.status = d.status.with_changes(phase="Reassessing", profiling_round=r, profiling_since=cond.timestamp(d.inp.now))
+    d.status = d.status.with_changes(
+        phase="Reassessing",
+        profiling_round=r,
+        profiling_since=cond.timestamp(d.inp.now),
+        round_profiles=(),
+        round_dropped=(),
+    )
 
 
 def _on_breach(d: _Draft, active: Placement) -> None:
@@ -235,6 +262,27 @@ def _on_breach(d: _Draft, active: Placement) -> None:
         False,
     ):  # record "no deeper option" once, not at every step of the storm
         _decide(d, "breach", active.candidate, active.depth, result.reason, applied=False)
+
+
+def _conclude_round(d: _Draft) -> None:
+    """Every candidate is profiled or dropped: decide on what was heard, and end the phase."""
+    spec, active = d.inp.spec, d.status.active
+    heard = {p.candidate: p for p in d.status.round_profiles}
+    profiles = tuple(heard[c.name] for c in spec.candidates if c.name in heard)
+    if not profiles:
+        why = f"round {d.status.profiling_round}: no candidate could be profiled (see the CandidateDropped events)"
+        _event(d, "ProfilingTimedOut", why, "Warning")
+        if active is None:  # nothing serves yet: profile again, a round at a time, until traffic comes
+            _pending(d)
+            return
+        _decide(d, "reassessment", active.candidate, active.depth, f"{why}; keeping the active worker", True)
+        for name in _round_names(d):
+            _delete(d, name)
+        worker = d.inp.telemetry.worker(active.worker)
+        served = worker.requests_ok if worker else 0.0
+        d.status = d.status.with_changes(phase="Serving", requests_at_assessment=served)
+        return
+    _conclude_profiling(d, profiles)
 
 
 def _conclude_profiling(d: _Draft, profiles: tuple[CandidateProfile, ...]) -> None:
@@ -296,40 +344,113 @@ def _round_names(d: _Draft) -> dict[str, str]:
     return {names.profile_worker(d.inp.name, r, c.name): c.name for c in d.inp.spec.candidates}
 
 
-def _ensure_round(d: _Draft) -> set[str]:
-    pool = _round_pool(d)
-    for name, candidate in _round_names(d).items():
+def _profiling_budget(d: _Draft) -> int:
+    """Profile workers that may run at once: the spec's bound, and the GPUs left beside the active
+    worker's; at least one, so a round always advances."""
+    spec = d.inp.spec
+    budget = spec.profiling.max_concurrent_workers or len(spec.candidates)
+    per_pod = spec.worker.gpus_per_pod
+    if per_pod > 0 and d.inp.observed.gpu_supply is not None:
+        held = spec.replicas * per_pod if d.status.active is not None else 0
+        budget = min(budget, (d.inp.observed.gpu_supply - held) // per_pod)
+    return max(1, min(budget, len(spec.candidates)))
+
+
+def _settled(d: _Draft) -> set[str]:
+    return {p.candidate for p in d.status.round_profiles} | set(d.status.round_dropped)
+
+
+def _round_settled(d: _Draft) -> bool:
+    return all(c.name in _settled(d) for c in d.inp.spec.candidates)
+
+
+def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
+    """Ensure this wave of profile workers: the first unsettled candidates, as many as the budget.
+
+    Without an active worker the round's pool serves, so finished candidates keep serving while the
+    budget has room for them, and one keeps serving until a new worker is Ready. Returns the round
+    workers to keep, and whether to release the others even when they are the last Ready ones: a
+    budget of one lets a finished worker go first (a short gap in serving, instead of a pod that
+    waits forever for the GPU it holds)."""
+    pool, names, obs = _round_pool(d), _round_names(d), d.inp.observed
+    settled, budget = _settled(d), _profiling_budget(d)
+    pending = [n for n, c in names.items() if c not in settled]
+    wave = pending[:budget]
+    held: list[str] = []
+    release = False
+    if d.status.active is None:
+        finished = [n for n, c in names.items() if c in settled and obs.worker(n) is not None]
+        # While switching, one finished worker serves: the target needs the other GPUs.
+        held = finished[: budget - len(wave) if d.status.phase != "Switching" else 1]
+        if not any(_ready(obs, n) for n in (*wave, *held)):
+            ready = [n for n in finished if _ready(obs, n)]
+            if ready and budget >= 2:
+                wave, held = (wave[:-1] if len(wave) >= budget else wave), [ready[0]]
+            elif ready:
+                release = True
+    for name in (*wave, *held):
+        candidate = names[name]
         c = d.inp.spec.candidate(candidate)
         depth = (c.layers if c else None) or 0  # 0: all layers, read from the model's config
         _ensure(d, name, candidate, depth, "profile", pool, 1)
-    return set(_round_names(d))
+    return {*wave, *held}, release
 
 
-def _completed_profiles(d: _Draft) -> tuple[CandidateProfile, ...] | None:
-    """The round's profiles once every candidate served enough requests, or at the timeout those
-    that served any (the silent ones are dropped with a Warning); None while waiting."""
-    tel, spec = d.inp.telemetry, d.inp.spec
+def _placed(obs: Observed, name: str) -> bool:
+    w = obs.worker(name)
+    return w is not None and w.unschedulable is None
+
+
+def _ready(obs: Observed, name: str) -> bool:
+    w = obs.worker(name)
+    return w is not None and w.ready_replicas > 0
+
+
+def _advance_round(d: _Draft) -> None:
+    """Settle each running candidate that served its quota, ran out of time, or found no node."""
+    tel, spec, now = d.inp.telemetry, d.inp.spec, d.inp.now
     if not tel.available:
-        return None  # never decide from missing telemetry
-    need = spec.profiling.requests_per_candidate
-    got: dict[str, CandidateProfile] = {}
+        return  # never decide from missing telemetry
+    need, timeout = spec.profiling.requests_per_candidate, spec.profiling.timeout_seconds
+    since = cond.parse_timestamp(d.status.profiling_since) or now
+    profiles, dropped, settled = list(d.status.round_profiles), list(d.status.round_dropped), _settled(d)
+    no_node = False
     for name, candidate in _round_names(d).items():
-        w = tel.worker(name)
-        if w is not None and w.profile is not None:
-            got[candidate] = w.profile
-    if got and all(c.name in got and got[c.name].profiled_requests >= need for c in spec.candidates):
-        return tuple(got[c.name] for c in spec.candidates)
-    since = cond.parse_timestamp(d.status.profiling_since) or d.inp.now
-    if d.inp.now - since < spec.profiling.timeout_seconds:
-        return None
-    heard = tuple(got[c.name] for c in spec.candidates if c.name in got and got[c.name].profiled_requests >= 1)
-    silent = [c.name for c in spec.candidates if c.name not in {p.candidate for p in heard}]
-    if not heard:
-        d.degraded = ("ProfilingTimedOut", f"no candidate served a request within {spec.profiling.timeout_seconds}s")
-        return None
-    for name in silent:
-        _event(d, "CandidateDropped", f"{name} served no request within {spec.profiling.timeout_seconds}s", "Warning")
-    return heard
+        w = d.inp.observed.worker(name)
+        if candidate in settled or w is None:
+            continue
+        t = tel.worker(name)
+        profile = t.profile if t is not None else None
+        heard = profile.profiled_requests if profile is not None else 0
+        if profile is not None and heard >= need:
+            profiles.append(profile)
+            _event(d, "CandidateProfiled", f"{candidate}: {heard} requests, {profile.profiled_tokens} tokens")
+        elif w.unschedulable is not None:
+            wait = spec.rollout.schedule_timeout_seconds
+            # While another worker of the round holds a node, this one waits for its GPU, not for a new node.
+            if now - w.created_at >= wait and not any(_placed(d.inp.observed, n) for n in _round_names(d)):
+                dropped.append(candidate)
+                why = f"{candidate}: no node could take its pod within {wait}s ({w.unschedulable})"
+                _event(d, "CandidateDropped", why, "Warning")
+                no_node = True
+        elif now - max(w.started_at, since) >= timeout:
+            if profile is not None and heard >= 1:
+                profiles.append(profile)
+                why = f"{candidate}: {heard} of {need} requests within {timeout}s; profiled on what it heard"
+                _event(d, "CandidateProfiledPartially", why, "Warning")
+            else:
+                dropped.append(candidate)
+                _event(d, "CandidateDropped", f"{candidate} served no request within {timeout}s", "Warning")
+    if no_node:  # the others ask for the same GPUs: waiting for each in turn would only hold the phase
+        done = {p.candidate for p in profiles} | set(dropped)
+        for name, candidate in _round_names(d).items():
+            w = d.inp.observed.worker(name)
+            if candidate not in done and (w is None or w.unschedulable is not None):
+                dropped.append(candidate)
+                _event(
+                    d, "CandidateDropped", f"{candidate}: not tried, no node took the last candidate's pod", "Warning"
+                )
+    d.status = d.status.with_changes(round_profiles=tuple(profiles), round_dropped=tuple(dropped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,10 +503,11 @@ def _point(d: _Draft, pool: str) -> None:
         d.actions.append(PointService(pool))
 
 
-def _collect(d: _Draft, keep: set[str]) -> None:
-    """Delete the workers not kept, but never the last Ready ones the Service selects."""
+def _collect(d: _Draft, keep: set[str], release: bool = False) -> None:
+    """Delete the workers not kept, but never the last Ready ones the Service selects, unless
+    `release`: then the GPUs they hold are needed by a pod that waits for them."""
     obs = d.inp.observed
-    kept_serving = _ready_in(tuple(w for w in obs.workers if w.name in keep), obs.service_pool or "")
+    kept_serving = release or _ready_in(tuple(w for w in obs.workers if w.name in keep), obs.service_pool or "")
     for w in obs.workers:
         if w.name not in keep and (w.pool != obs.service_pool or kept_serving):
             d.actions.append(DeleteWorker(w.name))
@@ -458,6 +580,7 @@ def _report(d: _Draft) -> Status:
         )
     else:
         c = cond.set_condition(c, cond.ROLLOUT_PROGRESSING, "False", "Idle", "no switch in progress", now)
+    c = cond.set_condition(c, cond.CAPACITY_AVAILABLE, *_capacity_condition(d), now)
     degraded = d.degraded or _worker_failed(obs.workers) or _degraded(d, s)
     if degraded is not None:
         c = cond.set_condition(c, cond.DEGRADED, "True", degraded[0], degraded[1], now)
@@ -470,12 +593,35 @@ def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"]
     if s.phase not in ("Profiling", "Reassessing"):
         return "False", "Profiled", f"{len(s.profiles)} candidate(s) profiled"
     need = d.inp.spec.profiling.requests_per_candidate
+    finished = {p.candidate: p.profiled_requests for p in s.round_profiles}
     progress = []
     for name, candidate in _round_names(d).items():
         w = d.inp.telemetry.worker(name)
-        done = w.profile.profiled_requests if w is not None and w.profile is not None else 0
-        progress.append(f"{candidate} {done}/{need}")
-    return "True", s.phase, f"round {s.profiling_round}: " + ", ".join(progress)
+        heard = w.profile.profiled_requests if w is not None and w.profile is not None else 0
+        if candidate in finished:
+            progress.append(f"{candidate} {finished[candidate]}/{need} done")
+        elif candidate in s.round_dropped:
+            progress.append(f"{candidate} dropped")
+        elif d.inp.observed.worker(name) is None:
+            progress.append(f"{candidate} waits for a profiling slot")
+        else:
+            progress.append(f"{candidate} {heard}/{need}")
+    budget = f" ({_profiling_budget(d)} at a time)" if _profiling_budget(d) < len(d.inp.spec.candidates) else ""
+    return "True", s.phase, f"round {s.profiling_round}{budget}: " + ", ".join(progress)
+
+
+def _capacity_condition(d: _Draft) -> tuple[Literal["True", "False"], str, str]:
+    """A pod that waits for a node is a wait of its own (a cluster autoscaler may be adding one),
+    not a failure; it says how long it may still wait."""
+    waiting = [w for w in d.inp.observed.workers if w.unschedulable is not None]
+    if not waiting:
+        return "True", "AllPlaced", "every worker pod has a node"
+    limit = d.inp.spec.rollout.schedule_timeout_seconds
+    parts = []
+    for w in waiting:
+        left = max(0, int(limit - (d.inp.now - w.created_at)))
+        parts.append(f"worker {w.name} waits for a node ({left}s left of {limit}s): {w.unschedulable}")
+    return "False", "Unschedulable", "; ".join(parts)[:1000]
 
 
 def _worker_failed(workers: tuple[ObservedWorker, ...]) -> tuple[str, str] | None:
@@ -501,6 +647,9 @@ def _announce_worker_failure(d: _Draft, status: Status) -> None:
 
 def _degraded(d: _Draft, s: Status) -> tuple[str, str] | None:
     phase: Phase = s.phase
+    if phase == "Profiling" and s.active is None and not s.profiles and s.profiling_round > 1:
+        timeout = d.inp.spec.profiling.timeout_seconds
+        return "ProfilingTimedOut", f"no candidate served a request within {timeout}s; profiling again"
     if s.active is None and phase == "Serving" and d.inp.spec.mode == "active":
         last = s.decisions[-1] if s.decisions else None
         return "RolloutFailed", last.reason if last else "no serve worker"

@@ -19,6 +19,7 @@ Role = Literal["profile", "serve"]
 OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency", "energy")
 MODES: tuple[Mode, ...] = ("active", "advisory")
 MAX_CANDIDATES = 8
+GPU_RESOURCE = "nvidia.com/gpu"  # the extended resource the NVIDIA device plugin advertises
 MAX_DECISIONS = 20  # status.decisions is bounded; older entries fall off
 
 
@@ -47,7 +48,8 @@ class ExitSpec:
 @dataclass(frozen=True)
 class ProfilingSpec:
     requests_per_candidate: int = 5
-    timeout_seconds: int = 900  # give up on a candidate that serves nothing for this long
+    timeout_seconds: int = 900  # per candidate, from when its pod was scheduled: then profile what it heard, or drop it
+    max_concurrent_workers: int | None = None  # profile workers up at once; None: as many as the GPU supply allows
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class ReassessmentSpec:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    ready_timeout_seconds: int = 600  # a new worker not Ready by then is rolled back
+    ready_timeout_seconds: int = 600  # a new worker not Ready this long after it was scheduled is rolled back
+    schedule_timeout_seconds: int = 1800  # how long a pod may wait for a node (a cluster autoscaler adding one)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,20 @@ class WorkerSpec:
     env: tuple[dict[str, Any], ...] = ()
     max_batch: int = 64
     api_token_secret: SecretKey | None = None  # the bearer token the worker's /v1 routes require
+
+    @property
+    def pod_resources(self) -> dict[str, Any]:
+        """What each worker container asks for: the spec's, or one GPU."""
+        return self.resources or {"limits": {GPU_RESOURCE: 1}}
+
+    @property
+    def gpus_per_pod(self) -> int:
+        """The `nvidia.com/gpu` each worker pod asks for (limits win, as Kubernetes requires them equal)."""
+        for kind in ("limits", "requests"):
+            value = (self.pod_resources.get(kind) or {}).get(GPU_RESOURCE)
+            if value is not None:
+                return int(value)
+        return 0
 
 
 @dataclass(frozen=True)
@@ -142,11 +159,17 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
     profiling = ProfilingSpec(
         requests_per_candidate=int(prof.get("requestsPerCandidate", ProfilingSpec.requests_per_candidate)),
         timeout_seconds=int(prof.get("timeoutSeconds", ProfilingSpec.timeout_seconds)),
+        max_concurrent_workers=_opt_int(prof.get("maxConcurrentWorkers")),
     )
+    if profiling.max_concurrent_workers is not None and profiling.max_concurrent_workers < 1:
+        raise SpecError("spec.profiling.maxConcurrentWorkers must be at least 1")
     rea = spec.get("reassessment") or {}
     reassessment = ReassessmentSpec(every_requests=int(rea.get("everyRequests", ReassessmentSpec.every_requests)))
     roll = spec.get("rollout") or {}
-    rollout = RolloutSpec(ready_timeout_seconds=int(roll.get("readyTimeoutSeconds", RolloutSpec.ready_timeout_seconds)))
+    rollout = RolloutSpec(
+        ready_timeout_seconds=int(roll.get("readyTimeoutSeconds", RolloutSpec.ready_timeout_seconds)),
+        schedule_timeout_seconds=int(roll.get("scheduleTimeoutSeconds", RolloutSpec.schedule_timeout_seconds)),
+    )
     wk = spec.get("worker") or {}
     token = wk.get("apiTokenSecret")
     worker = WorkerSpec(
@@ -307,12 +330,21 @@ class ObservedWorker:
     ready_replicas: int
     created_at: float  # epoch seconds
     failure: str | None = None  # a pod's container crashing or stuck, with the worker's own error line
+    unschedulable: str | None = None  # the scheduler's word while a pod waits for a node; None: placed or unknown
+    scheduled_at: float | None = None  # epoch seconds its pods were all placed; None: not yet, or not reported
+
+    @property
+    def started_at(self) -> float:
+        """Where the clock of image pull and model load starts: placement, not creation, so time spent
+        waiting for a node (which has its own timeout) never counts against loading."""
+        return self.scheduled_at if self.scheduled_at is not None else self.created_at
 
 
 @dataclass(frozen=True)
 class Observed:
     workers: tuple[ObservedWorker, ...] = ()
     service_pool: str | None = None  # the pool the stable Service selects; None: no Service yet
+    gpu_supply: int | None = None  # nvidia.com/gpu allocatable on schedulable nodes; None: unknown or not readable
 
     def worker(self, name: str) -> ObservedWorker | None:
         return next((w for w in self.workers if w.name == name), None)
@@ -453,6 +485,8 @@ class Status:
     profiling_since: str = ""
     requests_at_assessment: float = 0.0  # requests served by the active worker when last assessed
     switch_started: str = ""
+    round_profiles: tuple[CandidateProfile, ...] = ()  # this round's finished candidates (their workers released)
+    round_dropped: tuple[str, ...] = ()  # this round's candidates given up on (no request, or no node)
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -476,6 +510,8 @@ class Status:
             "profilingSince": self.profiling_since,
             "requestsAtAssessment": self.requests_at_assessment,
             "switchStarted": self.switch_started,
+            "roundProfiles": [p.to_dict() for p in self.round_profiles],
+            "roundDropped": list(self.round_dropped),
         }
 
     @classmethod
@@ -498,6 +534,8 @@ class Status:
             profiling_since=str(d.get("profilingSince") or ""),
             requests_at_assessment=float(d.get("requestsAtAssessment") or 0.0),
             switch_started=str(d.get("switchStarted") or ""),
+            round_profiles=tuple(CandidateProfile.from_dict(p) for p in d.get("roundProfiles") or ()),
+            round_dropped=tuple(str(n) for n in d.get("roundDropped") or ()),
         )
 
 
