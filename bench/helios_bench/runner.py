@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import datetime
-import math
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,8 @@ from helios_bench.options import (
     bench_options_from_args,
     validate,
 )
+from helios_bench.phases import prepare_prompts
+from helios_bench.results import BenchResult, CandidateDepth, Served
 from helios_bench.stats import (
     agreement_interval,
     exact_match_rates,
@@ -56,7 +56,6 @@ from helios_bench.stats import (
 from helios_bench.systems import NO_EXIT_THRESHOLD, Completion, EngineSystem, GenerateSystem, Prompt
 from helios_operator.core import policy
 from helios_operator.core.types import CandidateProfile, ExitSpec, Objective, WorkerTelemetry
-from helios_worker.models import tasks
 from helios_worker.models.cache import train_preset
 
 __all__ = ["BenchOptions", "BenchResult", "add_bench_arguments", "bench_options_from_args", "run_bench"]
@@ -64,37 +63,6 @@ __all__ = ["BenchOptions", "BenchResult", "add_bench_arguments", "bench_options_
 CONFIGS = ("helios", "static", "generate")
 EVAL_CHUNK = 16  # at most this many requests served between two looks at the breach rule
 LATENCY_LOAD = 0.8  # default request rate: this share of the static baseline's measured capacity
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    data: dict[str, Any]  # what bench.json holds, without the ratios
-    ratios: list[report.Ratio]
-    table: str
-    json_path: Path
-    plot_path: Path
-    results_md: Path | None  # the log the entry was appended to, if any
-
-
-@dataclass(frozen=True)
-class CandidateDepth:
-    """Where the bench serves: a candidate at a depth (the operator's Placement also names a worker)."""
-
-    candidate: str
-    depth: int
-
-
-@dataclass
-class Served:
-    """HELIOS serving the evaluation prompts: what it emitted, where, and how it adapted."""
-
-    final: CandidateDepth
-    completions: list[Completion]
-    served_by: list[str]  # candidate that served each prompt
-    adaptations: list[dict[str, Any]] = field(default_factory=list)
-    breach_ratio: float = 0.0
-    window_tokens: int = 0
-    exit_layers: Counter[int] = field(default_factory=Counter)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -159,7 +127,7 @@ class Bench:
             early_stop=exits,
             breach_window=self.o.breach_window,
             max_batch=max_batch,
-            max_context=max_context or self.context,
+            max_context=max_context or self.prompts.context,
             kv_budget_bytes=kv_budget,
             device=self.device,
             dtype=self.dtype,
@@ -180,7 +148,7 @@ class Bench:
         self.log(f"device: {info.name}; presets {', '.join(self.presets)}; dtype {self.dtype}{threads}")
         for preset in self.presets:
             self.paths[preset] = train_preset(preset, o.seed, device=self.device, steps=o.train_steps, log=self.log)
-        self._prompts()
+        self.prompts = prepare_prompts(o, [self.paths[p] for p in self.presets])
         for preset in self.presets:
             model = self.load(preset, None)
             self.layers[preset] = int(model.model_layers)
@@ -191,11 +159,11 @@ class Bench:
         bandwidth = measure_copy_bandwidth(self.device, o.bandwidth_probe_bytes)
         self.log(f"copy bandwidth {bandwidth / 1e9:.2f} GB/s (read + write)")
         self.budget = o.memory_budget_bytes or default_budget(
-            self.sizes_full[self.largest], self.context, o.budget_batch
+            self.sizes_full[self.largest], self.prompts.context, o.budget_batch
         )
 
         profiles = tuple(self._profile(p) for p in self.presets)
-        cost = policy.CostModel(full_batch=o.budget_batch, context_tokens=self.context)
+        cost = policy.CostModel(full_batch=o.budget_batch, context_tokens=self.prompts.context)
         choices = {obj: policy.choose(profiles, obj, o.accuracy_floor, cost) for obj in o.objectives}
         for obj, choice in choices.items():
             assert choice is not None
@@ -239,41 +207,20 @@ class Bench:
 
         return self._assemble(info, bandwidth, profiles, choices, served, final_of, measured, by_placement)
 
-    # ---- prompts ------------------------------------------------------------------------------
-
-    def _prompts(self) -> None:
-        from transformers import AutoTokenizer
-
-        o = self.o
-        per_kind = math.ceil(o.prompts / 2)
-        self.eval_examples = _interleave(tasks.eval_examples(per_kind, seed=o.seed))[: o.prompts]
-        profile_seed = o.seed + 3 * tasks.EVAL_SEED_OFFSET  # neither training nor the evaluation draws here
-        easy = tasks.examples(math.ceil(o.profile_requests / 2), "easy", profile_seed)
-        hard = tasks.examples(math.ceil(o.profile_requests / 2), "hard", profile_seed + 1)
-        self.profile_examples = _interleave([*easy, *hard])[: o.profile_requests]
-        tokenizers = [AutoTokenizer.from_pretrained(str(self.paths[p])) for p in self.presets]
-        texts = [e.prompt for e in self.eval_examples] + [e.prompt for e in self.profile_examples]
-        encoded = [[tuple(int(i) for i in tok(t)["input_ids"]) for t in texts] for tok in tokenizers]
-        if any(e != encoded[0] for e in encoded[1:]):
-            raise RuntimeError("the candidates tokenize the prompts differently; agreement needs one tokenizer")
-        n = len(self.eval_examples)
-        self.eval_prompts: list[Prompt] = encoded[0][:n]
-        self.profile_prompts: list[Prompt] = encoded[0][n:]
-        self.context = max(len(p) for p in encoded[0]) + o.max_new_tokens
-        self.decode_context = max(len(p) for p in encoded[0]) + o.decode_tokens
-
     # ---- profiling and the policy -------------------------------------------------------------
 
     def _profile(self, candidate: str) -> CandidateProfile:
         model = self.load(candidate, None)
         collector = ProfileCollector(int(model.model_layers))
-        system = self.engine(model, exits=True, max_batch=len(self.profile_prompts), observer=collector, profile=True)
+        system = self.engine(
+            model, exits=True, max_batch=len(self.prompts.profile_prompts), observer=collector, profile=True
+        )
         try:
-            system.run_batch(self.profile_prompts, 2)  # first calls stay out of the tokens/s the policy reads
+            system.run_batch(self.prompts.profile_prompts, 2)  # first calls stay out of the tokens/s the policy reads
             collector.reset()
             joules_before = self.energy.read_joules()
             started = time.perf_counter()
-            completions = system.run_batch(self.profile_prompts, self.o.max_new_tokens)
+            completions = system.run_batch(self.prompts.profile_prompts, self.o.max_new_tokens)
             seconds = time.perf_counter() - started
             joules_after = self.energy.read_joules()
         finally:
@@ -308,12 +255,12 @@ class Bench:
         out = Served(final=start, completions=[], served_by=[])
         observer = ServeObserver()
         model = self.load(placement.candidate, placement.depth)
-        step = max(1, min(EVAL_CHUNK, len(self.eval_prompts) // 4))  # at least four looks at the rule
+        step = max(1, min(EVAL_CHUNK, len(self.prompts.eval_prompts) // 4))  # at least four looks at the rule
         system = self.engine(model, exits=True, max_batch=step, observer=observer)
         requests_ok = 0
         try:
-            for begin in range(0, len(self.eval_prompts), step):
-                chunk = self.eval_prompts[begin : begin + step]
+            for begin in range(0, len(self.prompts.eval_prompts), step):
+                chunk = self.prompts.eval_prompts[begin : begin + step]
                 out.completions += system.run_batch(chunk, self.o.max_new_tokens)
                 out.served_by += [placement.candidate] * len(chunk)
                 requests_ok += len(chunk)
@@ -361,7 +308,7 @@ class Bench:
             model = self.load(candidate, None)
             system = self.engine(model, exits=False, max_batch=EVAL_CHUNK)
             try:
-                self._full_outputs[candidate] = system.run_batch(self.eval_prompts, self.o.max_new_tokens)
+                self._full_outputs[candidate] = system.run_batch(self.prompts.eval_prompts, self.o.max_new_tokens)
             finally:
                 system.close()
         return self._full_outputs[candidate]
@@ -369,10 +316,10 @@ class Bench:
     # ---- measurements -------------------------------------------------------------------------
 
     def _batches(self, sizes: Sizes, scratch_slot: bool) -> dict[str, Any]:
-        max_batch = max_batch_in_budget(sizes, self.budget, self.context, scratch_slot)
+        max_batch = max_batch_in_budget(sizes, self.budget, self.prompts.context, scratch_slot)
         if max_batch < 1:
             raise RuntimeError(
-                f"a memory budget of {self.budget} bytes holds no row of {self.context} tokens beside "
+                f"a memory budget of {self.budget} bytes holds no row of {self.prompts.context} tokens beside "
                 f"{sizes.resident_weight_bytes} bytes of weights; raise --memory-budget-bytes"
             )
         run_batch = min(max_batch, self.o.max_run_batch)
@@ -394,7 +341,7 @@ class Bench:
         try:
             tp = throughput(
                 system,
-                self.eval_prompts,
+                self.prompts.eval_prompts,
                 batch=system.slots,
                 waves=self._waves(),
                 max_new_tokens=self.o.max_new_tokens,
@@ -413,7 +360,12 @@ class Bench:
 
         def make(batch: int, observer: ServeObserver) -> System:
             return self.engine(
-                model, exits=exits, max_batch=batch, observer=observer, ignore_eos=True, max_context=self.decode_context
+                model,
+                exits=exits,
+                max_batch=batch,
+                observer=observer,
+                ignore_eos=True,
+                max_context=self.prompts.decode_context,
             )
 
         bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=exits) for b in self.o.batches}
@@ -423,7 +375,7 @@ class Bench:
         result = bandwidth_fraction(
             make,
             sizes,
-            self.eval_prompts,
+            self.prompts.eval_prompts,
             batch=batch,
             new_tokens=self.o.decode_tokens,
             bandwidth=bandwidth,
@@ -442,7 +394,9 @@ class Bench:
             model, exits=exits, max_batch=run_batch, kv_budget=self.budget - sizes.resident_weight_bytes
         )
         try:
-            return latency(system, self.arrivals, cycle(self.eval_prompts, len(self.arrivals)), self.o.max_new_tokens)
+            return latency(
+                system, self.arrivals, cycle(self.prompts.eval_prompts, len(self.arrivals)), self.o.max_new_tokens
+            )
         finally:
             system.close()
 
@@ -454,14 +408,14 @@ class Bench:
         system = GenerateSystem(model.hf_model, model.tokenizer, self.device, eos, batches["run_batch"])
         tp = throughput(
             system,
-            self.eval_prompts,
+            self.prompts.eval_prompts,
             batch=batches["run_batch"],
             waves=self._waves(),
             max_new_tokens=self.o.max_new_tokens,
             device=self.device,
             energy=self.energy,
         )
-        kv_bytes = batches["run_batch"] * sizes.kv_bytes_per_token * self.context
+        kv_bytes = batches["run_batch"] * sizes.kv_bytes_per_token * self.prompts.context
         memory = {
             "resident_weight_bytes": sizes.resident_weight_bytes,
             "kv_cache_bytes": kv_bytes,
@@ -473,8 +427,10 @@ class Bench:
             return GenerateSystem(model.hf_model, model.tokenizer, self.device, eos, batch, ignore_eos=True)
 
         bw = {str(b): self._bandwidth(make, sizes, b, bandwidth, early_exit=False) for b in self.o.batches}
-        lat = latency(system, self.arrivals, cycle(self.eval_prompts, len(self.arrivals)), self.o.max_new_tokens)
-        outputs = system.run_batch(self.eval_prompts, self.o.max_new_tokens)
+        lat = latency(
+            system, self.arrivals, cycle(self.prompts.eval_prompts, len(self.arrivals)), self.o.max_new_tokens
+        )
+        outputs = system.run_batch(self.prompts.eval_prompts, self.o.max_new_tokens)
         return {
             "throughput": tp,
             "max_batch": batches,
@@ -491,7 +447,7 @@ class Bench:
         """The candidate's full model, teacher-forced on each prompt + served output (the plain
         transformers forward, independent of the engine): at every served position, its probability of
         its own greedy token minus its probability of the served token (0: it agrees)."""
-        pairs = zip(self.eval_prompts, completions, strict=True)
+        pairs = zip(self.prompts.eval_prompts, completions, strict=True)
         keys = [(candidate, prompt, tuple(c.token_ids)) for prompt, c in pairs]
         todo = [k for k in dict.fromkeys(keys) if k not in self._predicted and k[2]]
         if todo:
@@ -529,7 +485,7 @@ class Bench:
                     own_pred[i] = pred[i]
         largest_pred = self.predictions(self.largest, completions)
         own_free = [self.full_outputs(c)[i].token_ids for i, c in enumerate(served_by)]
-        em = exact_match_rates([e.prompt for e in self.eval_examples], [c.text for c in completions])
+        em = exact_match_rates([e.prompt for e in self.prompts.eval_examples], [c.text for c in completions])
         agreement = forced_agreement(own_pred, self.tie_tolerance)
         n = sum(len(t) for t in tokens)
         return {
@@ -574,7 +530,7 @@ class Bench:
 
         accuracy: dict[str, Any] = {
             "floor": o.accuracy_floor,
-            "prompts": len(self.eval_prompts),
+            "prompts": len(self.prompts.eval_prompts),
             "tie_tolerance": self.tie_tolerance,
         }
         helios_accuracy: dict[str, dict[str, Any]] = {}
@@ -584,7 +540,7 @@ class Bench:
         assert accuracy_choice is not None
         chosen_start = CandidateDepth(accuracy_choice.candidate, accuracy_choice.depth)
         accuracy["helios"] = helios_accuracy[f"{chosen_start.candidate}@{chosen_start.depth}"]
-        everywhere = [self.largest] * len(self.eval_prompts)
+        everywhere = [self.largest] * len(self.prompts.eval_prompts)
         accuracy["static"] = self._accuracy(self.full_outputs(self.largest), everywhere)
         accuracy["generate"] = self._accuracy(measured["generate"].pop("outputs"), everywhere)
         accuracy["helios_by_placement"] = helios_accuracy
@@ -636,7 +592,7 @@ class Bench:
                 "dtype": self.dtype,
                 "quick": o.quick,
                 "seed": o.seed,
-                "context_tokens": self.context,
+                "context_tokens": self.prompts.context,
                 "max_new_tokens": o.max_new_tokens,
                 "memory_budget_bytes": self.budget,
                 "bandwidth_bytes_per_second": bandwidth,
@@ -679,16 +635,6 @@ class Bench:
             },
             "sections": sections,
         }
-
-
-def _interleave(examples: list[tasks.Example]) -> list[tasks.Example]:
-    """Easy and hard alternately, so any prefix is a mix."""
-    easy = [e for e in examples if e.kind == "easy"]
-    hard = [e for e in examples if e.kind == "hard"]
-    out: list[tasks.Example] = []
-    for i in range(max(len(easy), len(hard))):
-        out += easy[i : i + 1] + hard[i : i + 1]
-    return out
 
 
 def run_bench(options: BenchOptions, console: Console | None = None) -> BenchResult:

@@ -177,14 +177,6 @@ async def _reconcile(
 
     result = step(StepInput(owner.name, generation, spec, status, observed, snapshot, now))
 
-    def failed(status: Status, err: Exception) -> Status:
-        why = f"{type(err).__name__}: {err}"[:1000]
-        return status.with_changes(
-            conditions=conditions.set_condition(
-                status.conditions, conditions.DEGRADED, "True", "PlatformError", why, now
-            )
-        )
-
     # The order survives a kill at any point: the Events (at least once), then the status (what was
     # decided), then the objects it implies. Killed in between, the status is ahead of the objects and
     # the next step completes them (a diff); a status behind them would replay a phase already left
@@ -198,27 +190,32 @@ async def _reconcile(
     new_status = result.status
     outcome = "ok"
 
-    def done(result_: str, status_: Status) -> Outcome:
-        return Outcome(result_, status_, snapshot, result.requeue_after, result.actions, observed, result)
-
     try:
         await platform.apply(owner, spec, events)
     except Exception as err:  # PlatformError; Events never hold the switch back
-        outcome, new_status = "platform_error", failed(new_status, err)
+        outcome, new_status = "platform_error", _failed(new_status, err, now)
     try:
         await platform.write_status(owner, new_status)
     except Exception as err:
         log.warning("writing the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
-        return done("platform_error", new_status)
+        return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions, observed, result)
     try:
         await platform.apply(owner, spec, changes)
     except Exception as err:  # PlatformError, or a manifest the API cannot take
-        outcome, new_status = "platform_error", failed(new_status, err)
+        outcome, new_status = "platform_error", _failed(new_status, err, now)
         try:
             await platform.write_status(owner, new_status)
         except Exception as err2:
             log.warning("writing the status of %s failed: %s", owner.name, err2)
-    return done(outcome, new_status)
+    return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions, observed, result)
+
+
+def _failed(status: Status, err: Exception, now: float) -> Status:
+    """Degraded=True with the platform's own words: the next reconcile retries."""
+    why = f"{type(err).__name__}: {err}"[:1000]
+    return status.with_changes(
+        conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", "PlatformError", why, now)
+    )
 
 
 async def _report_spec_error(platform: Platform, owner: Owner, status: Status, message: str, now: float) -> Outcome:

@@ -22,13 +22,13 @@ from tests.operator.test_operator_kmock import (  # noqa: F401  (operator_env is
     HD,
     NS,
     World,
-    _hd,
     _service,
     _serving,
     _status,
     _workers,
     operator_env,
 )
+from tests.support.bodies import hd_body
 
 from helios_operator.core import names
 
@@ -69,7 +69,7 @@ def test_a_new_worker_that_never_gets_ready_is_rolled_back_with_its_error_and_no
 ) -> None:
     cluster, world = operator_env
     assert world.deployment_controller is not None
-    cluster.create(cluster.hd_path(NS), _hd(rollout={"readyTimeoutSeconds": 3}))
+    cluster.create(cluster.hd_path(NS), hd_body(HD, NS, rollout={"readyTimeoutSeconds": 3}))
     first = cluster.wait_for("serving", lambda: _serving(cluster))["active"]
     world.deployment_controller.never_ready = lambda name: name != first["worker"]
 

@@ -11,12 +11,26 @@ from helios_worker.serve import WorkerOptions
 
 
 def test_the_engine_config_takes_every_option_the_engine_shares_by_name() -> None:
-    options = WorkerOptions(
-        model=Path("/m"), threshold=0.7, profile=True, breach_window=40, max_batch=3, max_queue=9, max_context=128
+    options = WorkerOptions(  # device and dtype as build_app passes them: resolved from `auto`
+        model=Path("/m"),
+        threshold=0.7,
+        profile=True,
+        breach_window=40,
+        max_batch=3,
+        max_queue=9,
+        max_context=128,
+        device="cuda:1",
+        dtype="bfloat16",
     )
-    config = options.engine_config()
-    assert config == EngineConfig(
-        confidence_threshold=0.7, profile=True, breach_window=40, max_batch=3, max_queue=9, max_context=128
+    assert options.engine_config() == EngineConfig(
+        confidence_threshold=0.7,
+        profile=True,
+        breach_window=40,
+        max_batch=3,
+        max_queue=9,
+        max_context=128,
+        device="cuda:1",
+        dtype="bfloat16",
     )
     # what the flags cannot set keeps the engine's own default
     unset = {f.name for f in fields(EngineConfig)} - {f.name for f in fields(WorkerOptions)} - {"confidence_threshold"}
