@@ -53,11 +53,22 @@ def _apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, H, T, D] over k, v [B, Hkv, S, D]; causal over T when `mask` is None. Returns [B, T, H*D]."""
+    """q [B, H, T, D] over k, v [B, Hkv, S, D]; causal over T when `mask` is None. Returns [B, T, H*D].
+
+    A decode step (T == 1, mask [B, 1, 1, S]) folds each K/V head's group of query heads into the
+    query dimension, [B, Hkv, H/Hkv, D]: plain multi-head SDPA with no repeat of K/V, which the
+    fused kernels take; a prompt (causal, no mask) uses SDPA's own grouped-query support.
+    """
+    b, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    if mask is not None and t == 1:
+        folded = q.reshape(b, kv_heads, heads // kv_heads, d)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, 1, heads * d)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=heads != kv_heads
     )
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class Family:
