@@ -49,7 +49,9 @@ class WorkerOptions:
     confidence_measure: ConfidenceMeasure = "max_prob"
     max_batch: int = 64
     max_queue: int = 256
-    max_context: int | None = None
+    max_context: int | None = None  # None: SERVING_CONTEXT, capped by the model's limit
+    exit_layers: tuple[int, ...] | None = ()  # exit checkpoints below the depth; (): one exit head, at it
+    exit_max_batch: int = 1  # checkpoints only in steps of at most this many rows, where they can end it
     device: str = "cpu"
     dtype: str = "float32"
     api_token_file: Path | None = None
@@ -68,6 +70,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _exit_layers(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    if text in ("", "none"):
+        return ()
+    return tuple(_positive_int(part) for part in text.split(","))
 
 
 def _port(text: str) -> int:
@@ -118,7 +128,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-batch", type=_positive_int, default=d.max_batch, help="rows in the running batch")
     add("--max-queue", type=_positive_int, default=d.max_queue, help="waiting requests before 429")
-    add("--max-context", type=_positive_int, help="tokens per request (default: the model's)")
+    add("--max-context", type=_positive_int, help="tokens per request (default: 4096, or the model's if less)")
+    add(
+        "--exit-layers",
+        type=_exit_layers,
+        default=d.exit_layers,
+        help="exit checkpoints below the depth: 1,3,... | all | none (default: none, one exit head per token)",
+    )
+    add("--exit-max-batch", type=_positive_int, default=d.exit_max_batch, help="rows up to which checkpoints run")
     add("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     add("--dtype", choices=DTYPES, default=d.dtype, help="weight and KV dtype (bfloat16 on a GPU)")
     add("--api-token-file", type=Path, help=f"require this bearer token on /v1 (else ${ENV_API_TOKEN}, else open)")
@@ -143,6 +160,8 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_context=args.max_context,
+        exit_layers=args.exit_layers,
+        exit_max_batch=args.exit_max_batch,
         device=args.device,
         dtype=args.dtype,
         api_token_file=args.api_token_file,
@@ -212,10 +231,15 @@ def build_app(options: WorkerOptions) -> FastAPI:
         max_batch=options.max_batch,
         max_queue=options.max_queue,
         max_context=options.max_context,
+        exit_layers=options.exit_layers,
+        exit_max_batch=options.exit_max_batch,
         device=options.device,
         dtype=options.dtype,
     )
-    engine = Engine(model, config, telemetry)
+    try:
+        engine = Engine(model, config, telemetry)
+    except ValueError as error:  # e.g. an exit layer at or beyond the depth
+        raise OptionError(f"--exit-layers: {error}") from None
     telemetry.set_model_sizes(
         ModelSizes(
             loaded_layers=model.loaded_layers,
