@@ -29,7 +29,8 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # cap on the KV cache; None: sized from max_batch * max_context
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
+    cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size and context-length bucket
+    ignore_eos: bool = False  # benchmarks: every request generates exactly max_tokens
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ class Engine:
         slots = self.cache.plan.slots
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # next input per slot
         self._positions = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._eos = eos_ids(model)
+        self._eos = frozenset() if config.ignore_eos else eos_ids(model)
         self._window = BreachWindow(config.breach_window)
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
