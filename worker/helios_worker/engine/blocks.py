@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helios_worker.engine.fused import FusedRotary
+
 
 class StackModel(Protocol):
     """What the engine needs of a partially loaded model (helios_worker.models.loading.PartialModel)."""
@@ -77,6 +79,7 @@ class Family:
     heads: int
     kv_heads: int
     head_dim: int
+    fused: FusedRotary | None = None  # the lean decode layer, where the family has one
 
     def __init__(self, model: StackModel) -> None:
         self.layers: list[Any] = list(model.decoder_layers())  # HF modules: attributes are dynamic
@@ -115,6 +118,9 @@ class RotaryFamily(Family):
         base = model.hf_model.model
         self._embed = base.embed_tokens
         self._rotary = base.rotary_emb  # handles every rope type and rope-parameter layout of the config
+        if FusedRotary.supports(self.layers, cfg):
+            scales = [self.scale(i) for i in range(len(self.layers))]
+            self.fused = FusedRotary(self.layers, self.heads, self.kv_heads, self.head_dim, scales)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self._embed(ids)

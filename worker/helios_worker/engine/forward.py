@@ -105,7 +105,7 @@ class ExitTracker:
         if not self.checks(layer):
             return
         self.heads += 1
-        logits = self._head(h[:, -1])
+        logits = self._head(h if h.dim() == 2 else h[:, -1])
         conf, greedy = confidence(logits, rule.measure)
         if rule.profile:
             self._layer_tokens.append(greedy)
@@ -206,13 +206,31 @@ def decode(
     pos = positions[:, None]
     h = fam.embed(tokens[:, None], pos)
     rope = fam.rope(pos, h)
-    keys = torch.arange(length, device=tokens.device)
-    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
     layers, batch = len(fam.layers), tokens.shape[0]
-    rows = torch.arange(batch, device=tokens.device)
     tracker = ExitTracker(rule, head, layers, batch, tokens.device, checkpoints)
+    fused = fam.fused if not rule.profile else None
+    if fused is not None:  # serving on a rotary family: the lean layer on [B, hidden]
+        assert rope is not None
+        step = fused.prepare(rope, cache, positions, length)
+        h = h[:, 0]
+        rows = step.rows
+    else:
+        keys = torch.arange(length, device=tokens.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+        rows = torch.arange(batch, device=tokens.device)
     for i in range(layers):
         h = tracker.layer_input(h)
+        if fused is not None:
+            h = fused.layer(i, h, step, cache)
+            tracker.observe(i + 1, h)
+            stop = early_stop and i + 1 < layers and tracker.exit_hidden is not None and tracker.checks(i + 1)
+            if stop and tracker.all_exited():
+                exit_state = tracker.exit_hidden[:, None]  # type: ignore[index]
+                for j in range(i + 1, layers):
+                    _write_kv(fam, cache, j, exit_state, rope, rows, positions)
+                tracker.layers_run = i + 1
+                break
+            continue
         q, k_new, v_new = _write_kv(fam, cache, i, h, rope, rows, positions)
         k, v = cache.read(i, batch, length)
         h = fam.finish(i, h, attend(q, k, v, mask, fam.scale(i)))
