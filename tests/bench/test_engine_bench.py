@@ -47,8 +47,7 @@ def test_the_serving_step_meets_the_structural_targets(figures: dict[str, Any], 
     assert entry["attention_flops_ratio_2048_vs_128"] == pytest.approx(live, rel=0.02)  # the live context
     assert entry["attention_flops_ratio_2048_vs_128_static"] == pytest.approx(live, rel=0.02)  # length buckets
     assert entry["engine_vs_generate"] > 0
-    # The fused rotary layer: 23 ops (66 before it). The target is 20; the bench prints the miss.
-    assert entry["aten_ops_per_layer"] <= 23
+    assert entry["aten_ops_per_layer"] <= 20  # eager, the fused rotary layer (66 with the HF modules)
 
 
 def test_the_counters_see_what_a_chatty_step_would_do() -> None:

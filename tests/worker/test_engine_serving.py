@@ -180,3 +180,21 @@ def test_a_graph_that_cannot_be_captured_stops_the_start(llama: HFStack) -> None
     with pytest.raises(GraphCaptureError, match="lower --max-context or --max-batch"):
         engine.start()
     assert engine.running == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_fused_layer_reparameterises_the_model_without_changing_its_forward(family: str) -> None:
+    model = random_model(family, seed=6)
+    ids = torch.tensor([random_prompts(6, (9,))[0]])
+    with torch.no_grad():
+        before = model.hf_model(ids).logits
+        params = sum(p.numel() for p in model.hf_model.parameters())
+        Engine(model, EngineConfig(max_batch=1, max_context=32))
+        once = model.hf_model(ids).logits
+        first_weight = model.hf_model.model.layers[0].self_attn.q_proj.weight.clone()
+        Engine(model, EngineConfig(max_batch=1, max_context=32))  # a second engine reuses the first's weights
+        twice = model.hf_model(ids).logits
+    torch.testing.assert_close(once, before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(twice, once)
+    assert torch.equal(model.hf_model.model.layers[0].self_attn.q_proj.weight, first_weight)
+    assert sum(p.numel() for p in model.hf_model.parameters()) == params  # views of the fused matrices

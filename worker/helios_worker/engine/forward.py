@@ -207,17 +207,23 @@ def decode(
     h = fam.embed(tokens[:, None], pos)
     rope = fam.rope(pos, h)
     layers, batch = len(fam.layers), tokens.shape[0]
-    tracker = ExitTracker(rule, head, layers, batch, tokens.device, checkpoints)
     fused = fam.fused if not rule.profile else None
-    if fused is not None:  # serving on a rotary family: the lean layer on [B, hidden]
+    if fused is not None:  # serving on a rotary family: the lean layer on the state [B, hidden + 1]
         assert rope is not None
         step = fused.prepare(rope, cache, positions, length)
-        h = h[:, 0]
+        h = fused.extend(h[:, 0])
         rows = step.rows
+        lean = fused
+
+        def state_head(state: torch.Tensor) -> torch.Tensor:
+            return head(lean.hidden_of(state))
+
+        tracker = ExitTracker(rule, state_head, layers, batch, tokens.device, checkpoints)
     else:
         keys = torch.arange(length, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
         rows = torch.arange(batch, device=tokens.device)
+        tracker = ExitTracker(rule, head, layers, batch, tokens.device, checkpoints)
     for i in range(layers):
         h = tracker.layer_input(h)
         if fused is not None:
@@ -225,7 +231,7 @@ def decode(
             tracker.observe(i + 1, h)
             stop = early_stop and i + 1 < layers and tracker.exit_hidden is not None and tracker.checks(i + 1)
             if stop and tracker.all_exited():
-                exit_state = tracker.exit_hidden[:, None]  # type: ignore[index]
+                exit_state = fused.hidden_of(tracker.exit_hidden)[:, None]  # type: ignore[arg-type]
                 for j in range(i + 1, layers):
                     _write_kv(fam, cache, j, exit_state, rope, rows, positions)
                 tracker.layers_run = i + 1

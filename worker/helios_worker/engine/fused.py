@@ -1,12 +1,19 @@
-"""A lean decode layer for the rotary families (Llama, Qwen2): few ops per layer on a [B, hidden] state.
+"""A lean decode layer for the rotary families (Llama, Qwen2): 19 ops per layer on a [B, hidden+1] state.
 
-The layer's q, k and v weights (and gate and up) are concatenated into one matrix each, and the HF
-modules' weights become views into it, so memory does not grow and prefill (the HF modules) reads
-the same numbers. Per layer and step: RMSNorm as x * w / hypot(||x||, sqrt(D * eps)) (times sqrt(D),
-folded into the norm weight), one matmul for q|k|v, rotary positions for q and k in one
-gather + multiply-add over the whole row (v passes through with cos 1 and sin 0), one write of the
-token's k|v into the cache, attention over the cache's views, the output projection added in place
-of the residual (addmm), one matmul for gate|up, and the down projection added the same way.
+The model is reparameterised once, exactly in real arithmetic and with no extra memory:
+- each RMSNorm's weight w (times sqrt(D), D the hidden size) moves into the projections it feeds,
+  whose weights become W diag(w) sqrt(D); the norm's own weight becomes 1/sqrt(D), so the HF modules
+  (prefill, and generate() on the same model) compute what they computed before;
+- q|k|v and gate|up are concatenated into one matrix each, with one extra zero input column, and
+  output and down projections get one extra zero output row; the HF modules' weights become views
+  of these matrices.
+The decode state then carries a constant last column c = sqrt(D * eps), which the zero rows keep, so
+||[x, c]|| = sqrt(D) * sqrt(mean(x^2) + eps) and RMSNorm is one norm and one division. Per layer:
+norm, one matmul for q|k|v, rotary positions for q and k in one gather + multiply-add over the row
+(v passes with cos 1, sin 0), one write of k|v into the cache, attention over the cache's views, the
+output projection added to the residual (addmm), norm, one matmul for gate|up, SiLU, the down
+projection added the same way. In bfloat16 the folded weights are rounded once more than the
+checkpoint's (computed in float32, stored in the model's dtype).
 """
 
 from __future__ import annotations
@@ -21,33 +28,53 @@ from torch import nn
 
 from helios_worker.engine.kvcache import KVCache
 
+FUSED_ATTRIBUTE = "_helios_fused"  # on an HF layer: its _Layer, so a second engine reuses the reparameterisation
 
-def _fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One [sum of outputs, in] weight (and bias) whose row blocks become the modules' own weights."""
-    weight = torch.cat([m.weight.detach() for m in modules])
+
+def _eps(norm: Any) -> float | None:
+    value = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return None if value is None else float(value)
+
+
+def _fold_inputs(modules: list[nn.Linear], norm: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[sum of outputs, D + 1]: the modules' weights times the norm's weight times sqrt(D), a zero last
+    column; the modules' weights become row-block views of it and the norm's weight 1/sqrt(D)."""
+    weight = norm.weight.detach()
+    hidden = weight.shape[0]
+    scale = weight.float() * math.sqrt(hidden)
+    first = modules[0].weight
+    fused = torch.zeros(sum(m.weight.shape[0] for m in modules), hidden + 1, dtype=first.dtype, device=first.device)
     biases = [m.bias for m in modules]
     bias = torch.cat([b.detach() for b in biases if b is not None]) if all(b is not None for b in biases) else None
     start = 0
     for m in modules:
         rows = m.weight.shape[0]
-        m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        fused[start : start + rows, :hidden] = (m.weight.detach().float() * scale).to(first.dtype)
+        m.weight = nn.Parameter(fused[start : start + rows, :hidden], requires_grad=False)
         if bias is not None:
             m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
         start += rows
-    return weight, bias
+    norm.weight = nn.Parameter(torch.full_like(weight, 1 / math.sqrt(hidden)), requires_grad=False)
+    return fused, bias
+
+
+def _extend_outputs(module: nn.Linear) -> torch.Tensor:
+    """[D + 1, in]: the module's weight and a zero last row; the module's weight becomes a view of it."""
+    weight = module.weight.detach()
+    extended = torch.zeros(weight.shape[0] + 1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    extended[:-1] = weight
+    module.weight = nn.Parameter(extended[:-1], requires_grad=False)
+    return extended
 
 
 @dataclass
 class _Layer:
-    norm1: torch.Tensor  # input_layernorm weight x sqrt(hidden)
-    norm2: torch.Tensor
-    eps: torch.Tensor  # sqrt(hidden * eps), a scalar tensor
-    qkv_t: torch.Tensor  # [hidden, (H + 2 Hkv) D], a transposed view
+    qkv_t: torch.Tensor  # [hidden + 1, (H + 2 Hkv) head_dim], a transposed view
     qkv_bias: torch.Tensor | None
-    o_t: torch.Tensor
-    gate_up_t: torch.Tensor
-    down_t: torch.Tensor
-    intermediate: int
+    o_t: torch.Tensor  # [H head_dim, hidden + 1]
+    gate_up_t: torch.Tensor  # [hidden + 1, 2 intermediate]
+    down_t: torch.Tensor  # [intermediate, hidden + 1]
+    eps: float
     scale: float
 
 
@@ -69,36 +96,38 @@ class FusedRotary:
 
     @staticmethod
     def supports(layers: list[Any], config: Any) -> bool:
-        act = getattr(config, "hidden_act", None)
-        return act == "silu" and all(
-            hasattr(layer, "mlp") and hasattr(layer.mlp, "gate_proj") and hasattr(layer, "input_layernorm")
-            for layer in layers
+        def eps(norm: Any) -> float | None:
+            value = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            return None if value is None else float(value)
+
+        if getattr(config, "hidden_act", None) != "silu" or not layers:
+            return False
+        norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if len({eps(n) for n in norms}) != 1 or eps(norms[0]) is None:
+            return False  # one constant column carries one epsilon
+        return all(
+            hasattr(layer.mlp, "gate_proj") and getattr(layer.mlp, "act_fn", F.silu) is not None for layer in layers
         )
 
     def __init__(self, layers: list[Any], heads: int, kv_heads: int, head_dim: int, scales: list[float]) -> None:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.layers: list[_Layer] = []
         for layer, scale in zip(layers, scales, strict=True):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
-            hidden = qkv.shape[1]
-            eps = float(getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 1e-6)))
-            root = math.sqrt(hidden)
-            self.layers.append(
-                _Layer(
-                    norm1=layer.input_layernorm.weight.detach() * root,
-                    norm2=layer.post_attention_layernorm.weight.detach() * root,
-                    eps=torch.tensor(math.sqrt(hidden * eps), dtype=qkv.dtype, device=qkv.device),
-                    qkv_t=qkv.t(),
-                    qkv_bias=qkv_bias,
-                    o_t=attn.o_proj.weight.detach().t(),
-                    gate_up_t=gate_up.t(),
-                    down_t=mlp.down_proj.weight.detach().t(),
-                    intermediate=mlp.gate_proj.weight.shape[0],
-                    scale=scale,
+            fused = getattr(layer, FUSED_ATTRIBUTE, None)
+            if fused is None:
+                attn, mlp = layer.self_attn, layer.mlp
+                eps = float(
+                    getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 0))
                 )
-            )
+                qkv, qkv_bias = _fold_inputs([attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm)
+                gate_up, _ = _fold_inputs([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm)
+                o, down = _extend_outputs(attn.o_proj), _extend_outputs(mlp.down_proj)
+                fused = _Layer(qkv.t(), qkv_bias, o.t(), gate_up.t(), down.t(), eps, scale)
+                setattr(layer, FUSED_ATTRIBUTE, fused)
+            self.layers.append(fused)
+        qkv = self.layers[0].qkv_t
+        self.hidden = qkv.shape[0] - 1
+        self.constant = math.sqrt(self.hidden * self.layers[0].eps)
         d, rotated = head_dim, heads + kv_heads
         within = torch.arange(d)
         partner = torch.where(within < d // 2, within + d // 2, within - d // 2)
@@ -123,10 +152,19 @@ class FusedRotary:
         rows = torch.arange(batch, device=positions.device)
         return FusedStep(cos_row, sin_row, mask, k, v, rows, positions)
 
+    def extend(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] -> the decode state [B, hidden + 1], its last column the constant."""
+        return F.pad(h, (0, 1), value=self.constant)
+
+    def hidden_of(self, state: torch.Tensor) -> torch.Tensor:
+        """The decode state's hidden vectors [B, hidden], a view."""
+        return state[:, : self.hidden]
+
     def layer(self, i: int, h: torch.Tensor, step: FusedStep, cache: KVCache) -> torch.Tensor:
-        """Layer i on h [B, hidden]: writes the token's k|v into the cache, returns the layer's output."""
+        """Layer i on the decode state h [B, hidden + 1]: writes the token's k|v into the cache, returns
+        the layer's output state."""
         w = self.layers[i]
-        x = h * w.norm1 / torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), w.eps)
+        x = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         qkv = torch.mm(x, w.qkv_t) if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv_t)
         roped = torch.addcmul(qkv * step.cos, qkv.index_select(1, self._perm), step.sin)
         q_width = self.heads * self.head_dim
@@ -137,6 +175,6 @@ class FusedRotary:
         q = roped.as_strided((batch, self.kv_heads, group, d), (width, group * d, d, 1))  # the query group folded
         attn = F.scaled_dot_product_attention(q, step.keys[i], step.values[i], attn_mask=step.mask, scale=w.scale)
         h = torch.addmm(h, attn.reshape(batch, q_width), w.o_t)
-        x = h * w.norm2 / torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), w.eps)
+        x = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True)
         gate, up = torch.mm(x, w.gate_up_t).chunk(2, dim=1)
         return torch.addmm(h, F.silu(gate) * up, w.down_t)
