@@ -14,7 +14,7 @@ from helios_worker.engine.api import EngineConfig, GenerationRequest, GraphCaptu
 from helios_worker.engine.blocks import attend, family_of
 from helios_worker.engine.confidence import confidence, token_confidence
 from helios_worker.engine.engine import Engine, serving_context
-from helios_worker.engine.forward import ExitRule, decode, prefill
+from helios_worker.engine.forward import ExitRule, decode, prefill, prefill_batch
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.static import length_buckets
 from helios_worker.engine.testing import HFStack, random_model, random_prompts
@@ -198,3 +198,25 @@ def test_the_fused_layer_reparameterises_the_model_without_changing_its_forward(
     assert torch.equal(twice, once)
     assert torch.equal(model.hf_model.model.layers[0].self_attn.q_proj.weight, first_weight)
     assert sum(p.numel() for p in model.hf_model.parameters()) == params  # views of the fused matrices
+
+
+def test_prompts_prefilled_together_equal_prompts_prefilled_alone(llama: HFStack) -> None:
+    prompts = random_prompts(8, (5, 9, 2))
+    rule = ExitRule(MIXED, "max_prob", False, True, None)
+    fam, alone_cache = _cache(llama, 3)
+    alone = [prefill(fam, llama.exit_logits, alone_cache, rule, s, torch.tensor(p)) for s, p in enumerate(prompts)]
+    _, together_cache = _cache(llama, 3)
+    ids = torch.tensor([p + [0] * (9 - len(p)) for p in prompts])
+    together = prefill_batch(fam, llama.exit_logits, together_cache, rule, 0, ids, torch.tensor([5, 9, 2]))
+    assert together.greedy.tolist() == [int(r.greedy) for r in alone]
+    assert together.first_confident.tolist() == [int(r.first_confident) for r in alone]
+    torch.testing.assert_close(together.confidence, torch.cat([r.confidence for r in alone]))
+    for slot, p in enumerate(prompts):  # the real positions; the padding's are overwritten before use
+        torch.testing.assert_close(together_cache.kv[:, slot, : len(p)], alone_cache.kv[:, slot, : len(p)])
+
+
+def test_the_prefill_token_budget_splits_prompts_without_changing_tokens(llama: HFStack) -> None:
+    prompts = [tuple(p) for p in random_prompts(9, (6, 3, 8, 4))]
+    one_pass = generate(llama, prompts, prefill_tokens=8192)
+    one_by_one = generate(llama, prompts, prefill_tokens=1)
+    assert one_pass == one_by_one

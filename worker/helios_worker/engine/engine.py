@@ -32,7 +32,7 @@ from helios_worker.engine.api import (
 )
 from helios_worker.engine.blocks import StackModel, family_of
 from helios_worker.engine.confidence import BreachWindow, agreement, token_confidence
-from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
+from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill, prefill_batch
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.observing import GuardedObserver
 from helios_worker.engine.rows import Event, Row, Sink
@@ -302,8 +302,8 @@ class Engine:
             with self._cond:
                 admitted = self._admit()
             self._leave_cancelled()
-            for row in admitted:
-                self._guarded(self._prefill, row)
+            for group in self._prefill_groups(admitted):
+                self._guarded(self._prefill, *group)
             if self._running:
                 self._guarded(self._decode_step)
         except Exception as error:  # outside any one step (admission, cancellation): fail what runs
@@ -345,17 +345,41 @@ class Engine:
         limit = self.config.exit_max_batch
         return limit is None or rows <= limit
 
-    def _prefill(self, row: Row) -> None:
-        slot = self.cache.allocate()
-        assert slot == len(self._running)  # running rows occupy slots 0..n-1
-        row.slot = slot
-        self._running.append(row)
-        row.rng = make_rng(row.request.sampling)
-        prompt = torch.tensor(row.request.prompt_ids, device=self.device)
-        result = prefill(self._fam, self.model.exit_logits, self.cache, self._rule, slot, prompt, self._checkpoints(1))
-        row.position = len(row.request.prompt_ids)
-        self._positions[slot] = row.position
-        self._emit([row], result, self._tokens[slot : slot + 1])
+    def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
+        """Consecutive admitted rows whose padded prompts fit the per-step token budget together."""
+        groups: list[list[Row]] = []
+        longest = 0
+        for row in rows:
+            length = len(row.request.prompt_ids)
+            if groups and max(longest, length) * (len(groups[-1]) + 1) <= self.config.prefill_tokens:
+                groups[-1].append(row)
+                longest = max(longest, length)
+            else:
+                groups.append([row])
+                longest = length
+        return groups
+
+    def _prefill(self, *rows: Row) -> None:
+        """Prompts of `rows` in one pass into the slots just past the running rows."""
+        first = len(self._running)
+        for row in rows:
+            slot = self.cache.allocate()
+            assert slot == len(self._running)  # running rows occupy slots 0..n-1
+            row.slot = slot
+            self._running.append(row)
+            row.rng = make_rng(row.request.sampling)
+            row.position = len(row.request.prompt_ids)
+        width = max(r.position for r in rows)
+        padded = [list(r.request.prompt_ids) + [0] * (width - r.position) for r in rows]
+        ids = torch.tensor(padded, device=self.device)
+        lengths = torch.tensor([r.position for r in rows], device=self.device)
+        checkpoints = self._checkpoints(1)  # a prompt's exit is decided as if it ran alone
+        result = prefill_batch(
+            self._fam, self.model.exit_logits, self.cache, self._rule, first, ids, lengths, checkpoints
+        )
+        end = first + len(rows)
+        self._positions[first:end] = lengths
+        self._emit(list(rows), result, self._tokens[first:end])
 
     def _decode_step(self) -> None:
         started = time.perf_counter()

@@ -155,18 +155,40 @@ def prefill(
     checkpoints: bool = True,
 ) -> StepOutput:
     """Run a prompt [T] through every loaded layer into `slot`; exits decide the first generated token."""
-    ids = prompt[None]
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    lengths = torch.tensor([prompt.shape[0]], device=prompt.device)
+    return prefill_batch(fam, head, cache, rule, slot, prompt[None], lengths, checkpoints)
+
+
+def prefill_batch(
+    fam: Family,
+    head: ExitHead,
+    cache: KVCache,
+    rule: ExitRule,
+    first_slot: int,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    checkpoints: bool = True,
+) -> StepOutput:
+    """Prompts `ids` [N, T], right-padded, of `lengths` [N], into slots first_slot.. in one pass.
+
+    Causal attention keeps a real position from seeing the padding after it; the padding's K/V land in
+    cache positions the rows' first decode steps overwrite before they are read. Exits read each row's
+    last real position.
+    """
+    n, t = ids.shape
+    positions = torch.arange(t, device=ids.device)[None].expand(n, t)
     h = fam.embed(ids, positions)
     rope = fam.rope(positions, h)
     # The prompt's own K/V are computed at full depth: no propagation for prompt tokens.
     no_propagation = ExitRule(rule.threshold, rule.measure, rule.profile, False, rule.exit_layers)
-    tracker = ExitTracker(no_propagation, head, len(fam.layers), 1, ids.device, checkpoints)
+    tracker = ExitTracker(no_propagation, head, len(fam.layers), n, ids.device, checkpoints)
+    rows, last = torch.arange(n, device=ids.device), lengths - 1
     for i in range(len(fam.layers)):
         q, k, v = fam.qkv(i, fam.attn_input(i, h), rope)
-        cache.write_prefix(i, slot, k[0], v[0])
+        cache.write_prompts(i, first_slot, k, v)
         h = fam.finish(i, h, attend(q, k, v, None, fam.scale(i)))
-        tracker.observe(i + 1, h)
+        if tracker.checks(i + 1):
+            tracker.observe(i + 1, h[rows, last])
     return tracker.result()
 
 

@@ -110,11 +110,12 @@ class KVCache:
         self._free.remove(target)
         self.release(source)
 
-    def write_prefix(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K, V [kv_heads, T, head_dim] of a prompt, at positions 0..T-1."""
-        length = k.shape[1]
-        self.kv[layer, slot, :length, 0] = k.transpose(0, 1)
-        self.kv[layer, slot, :length, 1] = v.transpose(0, 1)
+    def write_prompts(self, layer: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K, V [N, kv_heads, T, head_dim] of N prompts, right-padded to T, into slots first_slot..,
+        positions 0..T-1."""
+        n, length = k.shape[0], k.shape[2]
+        self.kv[layer, first_slot : first_slot + n, :length, 0] = k.transpose(1, 2)
+        self.kv[layer, first_slot : first_slot + n, :length, 1] = v.transpose(1, 2)
 
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K, V [B, kv_heads, head_dim] of one new token per row (row i in slot i), at each row's position."""
