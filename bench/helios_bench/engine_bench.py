@@ -99,7 +99,7 @@ class HostReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is aten._local_scalar_dense.default:
+        if func is aten._local_scalar_dense.default and not self._in_read:
             self.reads["scalar"] += 1
         elif not self._in_read and func in (aten._to_copy.default, aten.copy_.default):
             source = args[1] if func is aten.copy_.default else args[0]
@@ -114,11 +114,15 @@ class HostReads(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
     @contextmanager
     def python_reads(self) -> Iterator[None]:
-        originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+        kinds = {"tolist": "tolist", "numpy": "numpy"}
+        kinds |= {name: "scalar" for name in ("item", "__bool__", "__int__", "__float__", "__index__")}
+        originals = {name: getattr(torch.Tensor, name) for name in kinds}
 
         def counted(name: str) -> Callable[..., Any]:
             def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                self.reads[name] += 1
+                if self._in_read:  # a read inside a counted one (item inside tolist, say)
+                    return originals[name](tensor, *args, **kwargs)
+                self.reads[kinds[name]] += 1
                 self._in_read = True
                 try:
                     return originals[name](tensor, *args, **kwargs)

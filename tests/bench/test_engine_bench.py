@@ -50,14 +50,17 @@ def test_the_serving_step_meets_the_structural_targets(figures: dict[str, Any], 
     assert entry["aten_ops_per_layer"] <= 20  # eager, the fused rotary layer (66 with the HF modules)
 
 
-def test_the_counters_see_what_a_chatty_step_would_do() -> None:
-    t = torch.arange(6)
-    reads = HostReads()
-    with reads, reads.python_reads():
-        bool((t > 2).all())
-        int(t[0])
-        t.tolist()
-    assert reads.reads == {"scalar": 2, "tolist": 1}
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_counters_see_what_a_chatty_step_would_do(inference: bool) -> None:
+    with torch.inference_mode(inference):  # where the CPU's scalar reads dispatch nothing
+        t = torch.arange(6)
+        reads = HostReads()
+        with reads, reads.python_reads():
+            bool((t > 2).all())
+            int(t[0])
+            (t > 2).any().item()
+            t.tolist()
+    assert reads.reads == {"scalar": 3, "tolist": 1}
     with OpCounter() as ops:
         torch.softmax(t.float(), dim=-1)
     assert ops.total == 2  # the cast and the softmax

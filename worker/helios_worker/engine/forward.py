@@ -1,11 +1,15 @@
 """Prefill and decode over the loaded stack, with HELIOS exits decided per row as the layers run.
 
-Semantics (identical on every path): a token is emitted at its first layer whose exit confidence
-reaches the threshold, else at the last loaded layer L as a breach. With state propagation, a row's
-K/V at layers above its exit are computed from its exit hidden state (CALM-style), whether the step
-stopped early (eager path, all rows confident: only the K/V projections of the skipped layers run)
-or ran every layer with the exited rows' inputs replaced (graph path: no host synchronisation).
-Either way a row's tokens do not depend on which other rows share its batch.
+Semantics (identical on every path): a token is emitted at its first exit checkpoint whose
+confidence reaches the threshold, else at the last loaded layer L (a breach when deeper layers
+exist). Serving evaluates one exit head per row at L, plus the rule's checkpoints in steps where the
+engine turns them on (where they can end the step); profiling evaluates every layer. With state
+propagation, a row's K/V at layers above its exit are computed from its exit hidden state
+(CALM-style), whether the step stopped early (eager path, all rows confident: only the K/V
+projections of the skipped layers run), ran every layer with the exited rows' inputs replaced (graph
+path: no host synchronisation), or profiled every layer (the chain runs on, the cache gets the exit
+state's K/V). A row's tokens do not depend on which other rows share its batch, except through
+whether its steps had checkpoints on. Rotary families decode through the fused layer (fused.py).
 """
 
 from __future__ import annotations
