@@ -220,3 +220,19 @@ def test_the_prefill_token_budget_splits_prompts_without_changing_tokens(llama: 
     one_pass = generate(llama, prompts, prefill_tokens=8192)
     one_by_one = generate(llama, prompts, prefill_tokens=1)
     assert one_pass == one_by_one
+
+
+def test_a_burst_of_prompts_beyond_the_token_budget_is_prefilled_between_decode_steps(llama: HFStack) -> None:
+    order: list[int] = []
+    config = EngineConfig(confidence_threshold=MIXED, max_batch=4, max_context=64, prefill_tokens=6, ignore_eos=True)
+    engine = Engine(llama, config)
+    for i, prompt in enumerate(random_prompts(10, (5, 4, 6))):  # 5 + 4 padded to 10 > 6: one prompt a step
+        engine.submit(GenerationRequest(tuple(prompt), SamplingParams(max_tokens=6)), lambda e, i=i: order.append(i))
+    with torch.inference_mode():
+        engine.step()
+        assert engine.running == 1 and engine.queue_length == 2
+        while engine.running or engine.queue_length:
+            engine.step()
+    engine.stop()
+    assert order[:5] == [0, 0, 1, 0, 1]  # prefill 0, decode 0; prefill 1, decode 0 and 1; ...
+    assert order.index(2) == 5 and len(order) == 3 * 7  # six tokens and a Finished each

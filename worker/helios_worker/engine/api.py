@@ -25,7 +25,7 @@ class EngineConfig:
     exit_max_batch: int | None = None  # checkpoints run only in steps of at most this many rows; None: any
     max_batch: int = 64  # rows in the running batch
     max_queue: int = 256  # waiting requests beyond which submit() raises QueueFull
-    prefill_tokens: int = 8192  # per step, padded prompt tokens prefilled together in one pass
+    prefill_tokens: int = 8192  # per step: padded prompt tokens prefilled (in one pass) before its decode
     max_context: int | None = None  # tokens (prompt + generated); None: SERVING_CONTEXT or the model's limit
     kv_budget_bytes: int | None = None  # cap on the KV cache; None: sized from max_batch * max_context
     device: str = "cpu"

@@ -1,7 +1,8 @@
 """The engine: a background thread runs steps over a continuously changing batch of requests.
 
-At each step boundary, cancelled rows leave, waiting requests take free KV slots and are prefilled,
-then one batched decode step advances every running row by a token. The asyncio server talks to the
+At each step boundary, cancelled rows leave, waiting requests take free KV slots and are prefilled
+together (as many as the per-step prompt-token budget holds; the rest wait for the next step), then
+one batched decode step advances every running row by a token. The asyncio server talks to the
 thread through a lock for submission and loop.call_soon_threadsafe for events.
 """
 
@@ -302,8 +303,8 @@ class Engine:
             with self._cond:
                 admitted = self._admit()
             self._leave_cancelled()
-            for group in self._prefill_groups(admitted):
-                self._guarded(self._prefill, *group)
+            if admitted:
+                self._guarded(self._prefill, *admitted)
             if self._running:
                 self._guarded(self._decode_step)
         except Exception as error:  # outside any one step (admission, cancellation): fail what runs
@@ -325,16 +326,24 @@ class Engine:
                 self._finish(row, "error", message)
 
     def _admit(self) -> list[Row]:
-        """Waiting rows that get a slot now (called under the lock)."""
+        """Waiting rows that get a slot and are prefilled in this step (called under the lock): in order,
+        while their padded prompts fit the per-step token budget (at least one), so a burst of prompts
+        is spread over steps, each followed by a decode step of the running rows."""
         admitted: list[Row] = []
+        longest = 0
         while self._waiting and self.cache.free_slots > len(admitted):
-            row = self._waiting.popleft()
+            row = self._waiting[0]
+            length = len(row.request.prompt_ids)
+            if admitted and max(longest, length) * (len(admitted) + 1) > self.config.prefill_tokens:
+                break
+            self._waiting.popleft()
             if row.cancelled.is_set():
                 self._finish(row, "cancelled")
             elif row.request.sampling.max_tokens < 1:
                 self._finish(row, "length")
             else:
                 admitted.append(row)
+                longest = max(longest, length)
         return admitted
 
     def _leave_cancelled(self) -> None:
@@ -344,20 +353,6 @@ class Engine:
     def _checkpoints(self, rows: int) -> bool:
         limit = self.config.exit_max_batch
         return limit is None or rows <= limit
-
-    def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
-        """Consecutive admitted rows whose padded prompts fit the per-step token budget together."""
-        groups: list[list[Row]] = []
-        longest = 0
-        for row in rows:
-            length = len(row.request.prompt_ids)
-            if groups and max(longest, length) * (len(groups[-1]) + 1) <= self.config.prefill_tokens:
-                groups[-1].append(row)
-                longest = max(longest, length)
-            else:
-                groups.append([row])
-                longest = length
-        return groups
 
     def _prefill(self, *rows: Row) -> None:
         """Prompts of `rows` in one pass into the slots just past the running rows."""
