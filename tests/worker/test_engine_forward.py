@@ -49,7 +49,7 @@ def test_decoding_without_exits_equals_generate_on_a_padded_batch(family: str) -
     assert got == expected
     assert len({tuple(r) for r in got}) > 1  # the rows differ: a wrong mask or position would show
     for events, finished in results:
-        assert all(e.exit_layer == 3 and e.breach for e in events)
+        assert all(e.exit_layer == 3 and not e.breach for e in events)  # full depth: nothing deeper to load
         assert finished.finish_reason == ("stop" if events[-1].token_id == EOS else "length")
 
 

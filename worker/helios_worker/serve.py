@@ -52,7 +52,9 @@ class WorkerOptions:
     confidence_measure: ConfidenceMeasure = "max_prob"
     max_batch: int = 64
     max_queue: int = 256
-    max_context: int | None = None
+    max_context: int | None = None  # None: SERVING_CONTEXT, capped by the model's limit
+    exit_layers: tuple[int, ...] | None = ()  # exit checkpoints below the depth; (): one exit head, at it
+    exit_max_batch: int = 1  # checkpoints only in steps of at most this many rows, where they can end it
     device: str = AUTO  # auto: CUDA when a GPU is visible, else the CPU
     dtype: str = AUTO  # auto: bfloat16 on CUDA, float32 on the CPU
     api_token_file: Path | None = None
@@ -90,6 +92,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _exit_layers(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    if text in ("", "none"):
+        return ()
+    return tuple(_positive_int(part) for part in text.split(","))
 
 
 def _port(text: str) -> int:
@@ -140,7 +150,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-batch", type=_positive_int, default=d.max_batch, help="rows in the running batch")
     add("--max-queue", type=_positive_int, default=d.max_queue, help="waiting requests before 429")
-    add("--max-context", type=_positive_int, help="tokens per request (default: the model's)")
+    add("--max-context", type=_positive_int, help="tokens per request (default: 4096, or the model's if less)")
+    add(
+        "--exit-layers",
+        type=_exit_layers,
+        default=d.exit_layers,
+        help="exit checkpoints below the depth: 1,3,... | all | none (default: none, one exit head per token)",
+    )
+    add("--exit-max-batch", type=_positive_int, default=d.exit_max_batch, help="rows up to which checkpoints run")
     add("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: ${ENV_DEVICE} or auto: CUDA when a GPU is visible)")
     add(
         "--dtype",
@@ -169,6 +186,8 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_context=args.max_context,
+        exit_layers=args.exit_layers,
+        exit_max_batch=args.exit_max_batch,
         device=args.device or env.get(ENV_DEVICE) or AUTO,
         dtype=args.dtype or env.get(ENV_DTYPE) or AUTO,
         api_token_file=args.api_token_file,
@@ -236,7 +255,10 @@ def build_app(options: WorkerOptions) -> FastAPI:
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
     telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
-    engine = Engine(model, options.engine_config(), telemetry)
+    try:
+        engine = Engine(model, options.engine_config(), telemetry)
+    except ValueError as error:  # e.g. an exit layer at or beyond the depth
+        raise OptionError(f"--exit-layers: {error}") from None
     telemetry.set_model_sizes(
         ModelSizes(
             loaded_layers=model.loaded_layers,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 ConfidenceMeasure = Literal["max_prob", "margin"]  # max softmax, or top-1 minus top-2 probability
+SERVING_CONTEXT = 4096  # default tokens per request: the KV cache reserves it per slot, not the model's limit
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,19 @@ class EngineConfig:
     breach_window: int = 100
     profile: bool = False  # full depth; per token, the first confident layer and per-layer agreement
     early_stop: bool = True  # within the loaded stack, stop a step when every row is confident
+    # Exit checkpoints below the last loaded layer L (1-based): None, every layer; (), none, so a step
+    # evaluates one exit head per row, at L (the confidence the breach counter reads).
+    exit_layers: tuple[int, ...] | None = None
+    exit_max_batch: int | None = None  # checkpoints run only in steps of at most this many rows; None: any
     max_batch: int = 64  # rows in the running batch
     max_queue: int = 256  # waiting requests beyond which submit() raises QueueFull
-    max_context: int | None = None  # tokens (prompt + generated); None: the model's own limit
+    prefill_tokens: int = 8192  # per step: padded prompt tokens prefilled (in one pass) before its decode
+    max_context: int | None = None  # tokens (prompt + generated); None: SERVING_CONTEXT or the model's limit
     kv_budget_bytes: int | None = None  # cap on the KV cache; None: sized from max_batch * max_context
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size bucket
+    cuda_graphs: bool = True  # on CUDA: capture decode steps per batch-size and context-length bucket
+    ignore_eos: bool = False  # benchmarks: every request generates exactly max_tokens
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,8 @@ class TokenEvent:
     token_id: int
     text: str  # the text this token adds (may be "" while a multi-byte character is incomplete)
     exit_layer: int  # 1-based
-    confidence: float
-    breach: bool  # unconfident at the last loaded layer, emitted anyway
+    confidence: float  # of this token (a sampled one's own), at its exit layer
+    breach: bool  # unconfident at the last loaded layer, emitted anyway, while deeper layers exist
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -85,6 +92,11 @@ class PromptTooLong(EngineError):
 
 class Draining(EngineError):
     """The worker is shutting down and takes no new requests: a 503."""
+
+
+class GraphCaptureError(RuntimeError):
+    """A CUDA graph of the decode step could not be captured: the worker refuses to start rather than
+    decode eagerly at a fraction of the speed it was sized for."""
 
 
 class EngineObserver(Protocol):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helios_worker.engine.fused import FusedRotary
+
 
 class StackModel(Protocol):
     """What the engine needs of a partially loaded model (helios_worker.models.loading.PartialModel)."""
@@ -53,11 +55,22 @@ def _apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, H, T, D] over k, v [B, Hkv, S, D]; causal over T when `mask` is None. Returns [B, T, H*D]."""
+    """q [B, H, T, D] over k, v [B, Hkv, S, D]; causal over T when `mask` is None. Returns [B, T, H*D].
+
+    A decode step (T == 1, mask [B, 1, 1, S]) folds each K/V head's group of query heads into the
+    query dimension, [B, Hkv, H/Hkv, D]: plain multi-head SDPA with no repeat of K/V, which the
+    fused kernels take; a prompt (causal, no mask) uses SDPA's own grouped-query support.
+    """
+    b, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    if mask is not None and t == 1:
+        folded = q.reshape(b, kv_heads, heads // kv_heads, d)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, 1, heads * d)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=heads != kv_heads
     )
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class Family:
@@ -66,6 +79,7 @@ class Family:
     heads: int
     kv_heads: int
     head_dim: int
+    fused: FusedRotary | None = None  # the lean decode layer, where the family has one
 
     def __init__(self, model: StackModel) -> None:
         self.layers: list[Any] = list(model.decoder_layers())  # HF modules: attributes are dynamic
@@ -104,6 +118,9 @@ class RotaryFamily(Family):
         base = model.hf_model.model
         self._embed = base.embed_tokens
         self._rotary = base.rotary_emb  # handles every rope type and rope-parameter layout of the config
+        if FusedRotary.supports(self.layers, cfg):
+            scales = [self.scale(i) for i in range(len(self.layers))]
+            self.fused = FusedRotary(self.layers, self.heads, self.kv_heads, self.head_dim, scales)
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self._embed(ids)

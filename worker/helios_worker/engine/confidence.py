@@ -10,18 +10,40 @@ from helios_worker.engine.api import ConfidenceMeasure
 
 
 def confidence(logits: torch.Tensor, measure: ConfidenceMeasure = "max_prob") -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, argmax token) per row of `logits` [..., vocab], computed in float32.
+    """(confidence, argmax token) per row of `logits` [..., vocab]; the confidence is float32.
 
     max_prob is the top softmax probability; margin is top-1 minus top-2 probability (both in [0, 1]).
+    A fused reduction: max (or top-2) and the sum of exp(logit - max), accumulated in float32, so no
+    float32 probability matrix is materialised for low-precision logits.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
     if measure == "max_prob":
-        top, token = probs.max(dim=-1)
-        return top, token
-    if measure == "margin":
-        top2, idx = probs.topk(2, dim=-1)
-        return top2[..., 0] - top2[..., 1], idx[..., 0]
-    raise ValueError(f"unknown confidence measure {measure!r}")
+        top, token = logits.max(dim=-1)
+        second = None
+    elif measure == "margin":
+        top2, idx = logits.topk(2, dim=-1)
+        top, token, second = top2[..., 0], idx[..., 0], top2[..., 1]
+    else:
+        raise ValueError(f"unknown confidence measure {measure!r}")
+    total = torch.exp(logits - top.unsqueeze(-1)).sum(dim=-1, dtype=torch.float32)
+    if second is None:
+        return total.reciprocal(), token
+    return (1.0 - torch.exp((second - top).float())) / total, token
+
+
+def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, measure: ConfidenceMeasure) -> torch.Tensor:
+    """The confidence of given tokens [B] (e.g. sampled ones) under `logits` [B, vocab], float32.
+
+    max_prob: the token's own probability; margin: its probability minus the best other token's
+    (negative when it is not the most likely one). Equals confidence() for the argmax token.
+    """
+    top2, idx = logits.topk(2, dim=-1)
+    top = top2[:, 0]
+    total = torch.exp(logits - top.unsqueeze(-1)).sum(dim=-1, dtype=torch.float32)
+    own = torch.exp((logits.gather(1, tokens[:, None])[:, 0] - top).float()) / total
+    if measure == "max_prob":
+        return own
+    best_other = torch.where(tokens == idx[:, 0], top2[:, 1], top)
+    return own - torch.exp((best_other - top).float()) / total
 
 
 def exits_enabled(threshold: float) -> bool:

@@ -1,7 +1,8 @@
 """The engine: a background thread runs steps over a continuously changing batch of requests.
 
-At each step boundary, cancelled rows leave, waiting requests take free KV slots and are prefilled,
-then one batched decode step advances every running row by a token. The asyncio server talks to the
+At each step boundary, cancelled rows leave, waiting requests take free KV slots and are prefilled
+together (as many as the per-step prompt-token budget holds; the rest wait for the next step), then
+one batched decode step advances every running row by a token. The asyncio server talks to the
 thread through a lock for submission and loop.call_soon_threadsafe for events.
 """
 
@@ -18,22 +19,25 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import torch
 
 from helios_worker.engine.api import (
+    SERVING_CONTEXT,
     Draining,
     EngineConfig,
     EngineObserver,
     Finished,
     FinishReason,
     GenerationRequest,
+    GraphCaptureError,
     PromptTooLong,
     QueueFull,
     TokenEvent,
 )
 from helios_worker.engine.blocks import StackModel, family_of
-from helios_worker.engine.confidence import BreachWindow, agreement
-from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
+from helios_worker.engine.confidence import BreachWindow, agreement, token_confidence
+from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill, prefill_batch
 from helios_worker.engine.kvcache import KVCache, plan_cache
+from helios_worker.engine.observing import GuardedObserver
 from helios_worker.engine.rows import Event, Row, Sink
-from helios_worker.engine.sampling import choose_tokens, make_generator
+from helios_worker.engine.sampling import choose_tokens, make_rng
 from helios_worker.engine.static import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,11 @@ def eos_ids(model: StackModel) -> frozenset[int]:
         value = getattr(source, "eos_token_id", None)
         ids.update(value if isinstance(value, list | tuple) else [] if value is None else [value])
     return frozenset(int(i) for i in ids)
+
+
+def serving_context(config: EngineConfig, model: StackModel) -> int:
+    """Tokens per request the cache reserves: the configured context, else SERVING_CONTEXT capped by the model's."""
+    return config.max_context or min(SERVING_CONTEXT, model.max_context())
 
 
 def _kv_budget(config: EngineConfig, device: torch.device) -> int | None:
@@ -72,7 +81,8 @@ class Engine:
     ) -> None:
         """`static_steps`: decode at bucketed static shapes (graph-captured on CUDA); None means
         exactly when config.cuda_graphs is set and the model is on CUDA. Tests force it on the CPU."""
-        self.model, self.config, self.observer = model, config, observer
+        self.model, self.config = model, config
+        self.observer = GuardedObserver(observer) if observer is not None else None
         self._fam = family_of(model)
         weight = next(model.hf_model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -83,19 +93,26 @@ class Engine:
             head_dim=self._fam.head_dim,
             dtype_bytes=weight.element_size(),
             max_batch=config.max_batch,
-            max_context=config.max_context or model.max_context(),
+            max_context=serving_context(config, model),
             budget_bytes=_kv_budget(config, self.device),
         )
         self.cache = KVCache(plan, self.device, self.dtype)
-        self._rule = ExitRule(
-            config.confidence_threshold, config.confidence_measure, config.profile, propagate=config.early_stop
-        )
+        exit_layers = None if config.exit_layers is None else frozenset(config.exit_layers)
+        if exit_layers is not None and not all(1 <= layer < self.layers for layer in exit_layers):
+            raise ValueError(f"exit layers {sorted(exit_layers)} must lie in 1..{self.layers - 1}")
+        # Propagation is part of the exit semantics, in serving and profiling alike; early_stop only
+        # decides whether a step whose rows all exited skips the rest of its layers.
+        self._rule = ExitRule(config.confidence_threshold, config.confidence_measure, config.profile, True, exit_layers)
+        self._deeper_layers_exist = model.loaded_layers < model.model_layers  # else an unconfident token is no breach
         self._static = (
-            StaticDecoder(self._fam, model.exit_logits, self.cache, self._rule)
+            StaticDecoder(self._fam, model.exit_logits, self.cache, self._rule, config.exit_max_batch)
             if (static_steps if static_steps is not None else config.cuda_graphs and self.device.type == "cuda")
             else None
         )
-        self._eos = eos_ids(model)
+        slots = self.cache.plan.slots
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # next input per slot
+        self._positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._eos = frozenset() if config.ignore_eos else eos_ids(model)
         self._window = BreachWindow(config.breach_window)
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
@@ -132,9 +149,12 @@ class Engine:
         return self._window.ratio
 
     def start(self) -> None:
+        """Start the engine thread; on CUDA first capture the decode graphs (GraphCaptureError if they cannot be)."""
         with self._cond:
             if self._thread is not None:
                 return
+            with torch.inference_mode():
+                self._capture_graphs()
             self._thread = threading.Thread(target=self._loop, name="helios-engine", daemon=True)
             self._thread.start()
 
@@ -153,14 +173,17 @@ class Engine:
         self.cache.release(slot)
 
     def _capture_graphs(self) -> None:
-        """Capture once, while nothing runs; on failure the static step runs eagerly."""
+        """Capture once, while nothing runs. A failure is loud: eager decoding would silently serve at a
+        fraction of the planned speed (often the cause is memory: lower --max-context or --max-batch)."""
         if self._static is None or self._static.captured or self.device.type != "cuda":
             return
         try:
             self._static.capture()
-        except Exception:  # a model op that cannot be captured: serve eagerly rather than not at all
-            log.exception("CUDA graph capture failed; decoding eagerly")
-            self._static = None
+        except Exception as error:
+            raise GraphCaptureError(
+                f"CUDA graph capture of the decode step failed ({type(error).__name__}: {error}); lower"
+                " --max-context or --max-batch, or turn CUDA graphs off to decode eagerly"
+            ) from error
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         """Events of one request; leaving the iterator early cancels it at the next step boundary."""
@@ -171,7 +194,7 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        row = self._submit(request, deliver)
+        row = self.submit(request, deliver)
         try:
             while True:
                 event = await events.get()
@@ -203,7 +226,7 @@ class Engine:
                 else:
                     tokens.append(event)
 
-            self._submit(request, sink)
+            self.submit(request, sink)
             results.append((tokens, ends, done))
         for _, _, done in results:
             done.wait()
@@ -235,7 +258,8 @@ class Engine:
 
     # ---- submission (any thread) ------------------------------------------------------------------
 
-    def _submit(self, request: GenerationRequest, sink: Sink) -> Row:
+    def submit(self, request: GenerationRequest, sink: Sink) -> Row:
+        """Queue a request whose events go to `sink` (called on the engine thread, or in step())."""
         if not request.prompt_ids:
             raise PromptTooLong("the prompt is empty")
         if len(request.prompt_ids) + request.sampling.max_tokens > self.max_context:
@@ -261,21 +285,33 @@ class Engine:
 
     def _loop(self) -> None:
         with torch.inference_mode():
-            self._capture_graphs()
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._running:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = self._admit()
-                self._leave_cancelled()
-                for row in admitted:
-                    self._guarded(self._prefill, row)
-                if self._running:
-                    self._guarded(self._decode_step)
+                self.step()
                 with self._cond:
                     self._cond.notify_all()
+
+    def step(self) -> None:
+        """One step boundary: cancelled rows leave, waiting ones are admitted and prefilled, then one
+        decode step. The engine thread's body; benchmarks call it directly (without start()) to observe
+        a step in their own thread. A failure ends only the requests it touched."""
+        try:
+            with self._cond:
+                admitted = self._admit()
+            self._leave_cancelled()
+            if admitted:
+                self._guarded(self._prefill, *admitted)
+            if self._running:
+                self._guarded(self._decode_step)
+        except Exception as error:  # outside any one step (admission, cancellation): fail what runs
+            log.exception("engine loop failed")
+            message = f"{type(error).__name__}: {error}"
+            for row in list(self._running):
+                self._finish(self._remove(row), "error", message)
 
     def _guarded(self, step: Callable[..., None], *args: Row) -> None:
         """A failing step ends the rows it touched with an error; the engine keeps serving the rest."""
@@ -290,67 +326,117 @@ class Engine:
                 self._finish(row, "error", message)
 
     def _admit(self) -> list[Row]:
-        """Waiting rows that get a slot now (called under the lock)."""
+        """Waiting rows that get a slot and are prefilled in this step (called under the lock): in order,
+        while their padded prompts fit the per-step token budget (at least one), so a burst of prompts
+        is spread over steps, each followed by a decode step of the running rows."""
         admitted: list[Row] = []
+        longest = 0
         while self._waiting and self.cache.free_slots > len(admitted):
-            row = self._waiting.popleft()
+            row = self._waiting[0]
+            length = len(row.request.prompt_ids)
+            if admitted and max(longest, length) * (len(admitted) + 1) > self.config.prefill_tokens:
+                break
+            self._waiting.popleft()
             if row.cancelled.is_set():
                 self._finish(row, "cancelled")
             elif row.request.sampling.max_tokens < 1:
                 self._finish(row, "length")
             else:
                 admitted.append(row)
+                longest = max(longest, length)
         return admitted
 
     def _leave_cancelled(self) -> None:
         for row in [r for r in self._running if r.cancelled.is_set()]:
             self._finish(self._remove(row), "cancelled")
 
-    def _prefill(self, row: Row) -> None:
-        slot = self.cache.allocate()
-        assert slot == len(self._running)  # running rows occupy slots 0..n-1
-        row.slot = slot
-        self._running.append(row)
-        row.generator = make_generator(row.request.sampling, self.device)
-        prompt = torch.tensor(row.request.prompt_ids, device=self.device)
-        result = prefill(self._fam, self.model.exit_logits, self.cache, self._rule, slot, prompt)
-        row.position = len(row.request.prompt_ids)
-        self._emit([row], result)
+    def _checkpoints(self, rows: int) -> bool:
+        limit = self.config.exit_max_batch
+        return limit is None or rows <= limit
+
+    def _prefill(self, *rows: Row) -> None:
+        """Prompts of `rows` in one pass into the slots just past the running rows."""
+        first = len(self._running)
+        for row in rows:
+            slot = self.cache.allocate()
+            assert slot == len(self._running)  # running rows occupy slots 0..n-1
+            row.slot = slot
+            self._running.append(row)
+            row.rng = make_rng(row.request.sampling)
+            row.position = len(row.request.prompt_ids)
+        width = max(r.position for r in rows)
+        padded = [list(r.request.prompt_ids) + [0] * (width - r.position) for r in rows]
+        ids = torch.tensor(padded, device=self.device)
+        lengths = torch.tensor([r.position for r in rows], device=self.device)
+        checkpoints = self._checkpoints(1)  # a prompt's exit is decided as if it ran alone
+        result = prefill_batch(
+            self._fam, self.model.exit_logits, self.cache, self._rule, first, ids, lengths, checkpoints
+        )
+        end = first + len(rows)
+        self._positions[first:end] = lengths
+        self._emit(list(rows), result, self._tokens[first:end])
 
     def _decode_step(self) -> None:
         started = time.perf_counter()
         rows = list(self._running)
-        tokens = torch.tensor([r.last_token for r in rows], device=self.device)
-        positions = torch.tensor([r.position for r in rows], device=self.device)
+        n = len(rows)
+        tokens, positions = self._tokens[:n], self._positions[:n]
+        length = max(r.position for r in rows) + 1  # the live context of the longest row
         if self._static is not None:
-            result = self._static(tokens, positions)
+            result = self._static(tokens, positions, length)
         else:
-            length = max(r.position for r in rows) + 1
-            early_stop = self.config.early_stop
+            early_stop = self.config.early_stop and not self.config.profile
+            checkpoints = self._checkpoints(n)
             result = decode(
-                self._fam, self.model.exit_logits, self.cache, self._rule, tokens, positions, length, early_stop
+                self._fam,
+                self.model.exit_logits,
+                self.cache,
+                self._rule,
+                tokens,
+                positions,
+                length,
+                early_stop,
+                checkpoints,
             )
+        self._positions[:n] += 1
         for row in rows:
             row.position += 1
-        self._emit(rows, result)
+        self._emit(rows, result, tokens)
         if self.observer is not None:
-            self.observer.on_step(len(rows), len(self._waiting), time.perf_counter() - started)
+            self.observer.on_step(n, len(self._waiting), time.perf_counter() - started)
 
-    def _emit(self, rows: list[Row], result: StepOutput) -> None:
-        """Turn a step's per-row exits into tokens, events and telemetry."""
-        params = [r.request.sampling for r in rows]
-        generators = [r.generator if isinstance(r.generator, torch.Generator) else None for r in rows]
-        tokens = choose_tokens(result.logits, result.greedy, params, generators)
-        exit_layers = result.exit_layer.tolist()
-        first_confident = result.first_confident.tolist()
-        confidences = result.confidence.tolist()
-        layer_tokens = result.layer_tokens.T.tolist() if result.layer_tokens is not None else None
+    def _choose(self, rows: list[Row], result: StepOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, their confidences) on the device: the exit's argmax, or a sampled row's own draw."""
+        rngs = [r.rng for r in rows]
+        tokens, sampled = choose_tokens(result.logits, result.greedy, [r.request.sampling for r in rows], rngs)
+        if sampled is None:
+            return tokens, result.confidence
+        conf = result.confidence.clone()
+        conf[sampled] = token_confidence(result.logits[sampled], tokens[sampled], self.config.confidence_measure)
+        return tokens, conf
+
+    def _emit(self, rows: list[Row], result: StepOutput, next_tokens: torch.Tensor) -> None:
+        """Choose the step's tokens (written into `next_tokens`, on the device), read everything the host
+        needs back in one packed copy, and turn it into events and telemetry."""
+        tokens, conf = self._choose(rows, result)
+        next_tokens.copy_(tokens)
+        parts = [tokens, result.exit_layer, result.first_confident, conf]
+        if result.layer_tokens is not None:
+            parts.extend(result.layer_tokens)
+        packed = torch.stack([p.to(torch.float64) for p in parts]).tolist()  # the step's one device-to-host copy
+        token_ids, exit_layers, first_confident, confidences = (
+            [int(x) for x in packed[0]],
+            [int(x) for x in packed[1]],
+            [int(x) for x in packed[2]],
+            packed[3],
+        )
+        layer_tokens = [[int(x) for x in col] for col in zip(*packed[4:], strict=True)] if len(packed) > 4 else None
         now = time.perf_counter()
         for i, row in enumerate(rows):
-            breach = first_confident[i] > self.layers
+            breach = first_confident[i] > self.layers and self._deeper_layers_exist
             self._window.record(breach)
-            text, reason = row.advance(tokens[i], tokens[i] in self._eos)
-            row.sink(TokenEvent(tokens[i], text, exit_layers[i], confidences[i], breach))
+            text, reason = row.advance(token_ids[i], token_ids[i] in self._eos)
+            row.sink(TokenEvent(token_ids[i], text, exit_layers[i], confidences[i], breach))
             observer = self.observer
             if observer is not None:
                 observer.on_token(exit_layers[i], breach, self._window.ratio, self._window.tokens)
@@ -370,6 +456,8 @@ class Engine:
         self.cache.release(row.slot)
         if last is not row:
             self.cache.move(last.slot, row.slot, last.position)
+            self._tokens[row.slot] = self._tokens[last.slot]
+            self._positions[row.slot] = self._positions[last.slot]
             last.slot = row.slot
             self._running[row.slot] = last
         row.slot = -1

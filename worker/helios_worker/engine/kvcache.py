@@ -1,6 +1,8 @@
-"""A static KV cache: one preallocated tensor per K and V, one slot per running request.
+"""A static KV cache: one preallocated tensor for K and V, one slot per running request.
 
-Shape [layers, slots, kv_heads, max_seq, head_dim]. The engine keeps its running rows in slots
+Shape [layers, slots, max_seq, 2, kv_heads, head_dim]: a token's K and V of one layer are one
+contiguous row, so a decode step writes them with one op; attention reads strided views.
+The engine keeps its running rows in slots
 0..n-1 (a leaving row's hole is filled by moving the last row), so a step of n rows reads a view of
 the first n slots, never a gather, and a step padded to a bucket of b rows writes only free slots.
 """
@@ -64,10 +66,20 @@ class KVCache:
 
     def __init__(self, plan: CachePlan, device: torch.device, dtype: torch.dtype) -> None:
         self.plan = plan
-        shape = (plan.layers, plan.slots, plan.kv_heads, plan.max_seq, plan.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (plan.layers, plan.slots, plan.max_seq, 2, plan.kv_heads, plan.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        # per layer [slots, seq, 2 * kv_heads * head_dim]
+        self._rows = self.kv.view(plan.layers, plan.slots, plan.max_seq, -1).unbind(0)
         self._free = set(range(plan.slots))
+
+    @property
+    def k(self) -> torch.Tensor:
+        """[layers, slots, kv_heads, max_seq, head_dim], a view."""
+        return self.kv[:, :, :, 0].transpose(2, 3)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, :, :, 1].transpose(2, 3)
 
     @property
     def free_slots(self) -> int:
@@ -75,7 +87,7 @@ class KVCache:
 
     @property
     def bytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.kv.numel() * self.kv.element_size()
 
     def allocate(self) -> int | None:
         """The lowest free slot: with compaction, the one just past the running rows."""
@@ -94,22 +106,31 @@ class KVCache:
         """Copy the first `length` positions of slot `source` into the free slot `target`, freeing `source`."""
         if target not in self._free:
             raise ValueError(f"slot {target} is not free")
-        self.k[:, target, :, :length] = self.k[:, source, :, :length]
-        self.v[:, target, :, :length] = self.v[:, source, :, :length]
+        self.kv[:, target, :length] = self.kv[:, source, :length]
         self._free.remove(target)
         self.release(source)
 
-    def write_prefix(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """K, V [kv_heads, T, head_dim] of a prompt, at positions 0..T-1."""
-        length = k.shape[1]
-        self.k[layer, slot, :, :length] = k
-        self.v[layer, slot, :, :length] = v
+    def write_prompts(self, layer: int, first_slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """K, V [N, kv_heads, T, head_dim] of N prompts, right-padded to T, into slots first_slot..,
+        positions 0..T-1."""
+        n, length = k.shape[0], k.shape[2]
+        self.kv[layer, first_slot : first_slot + n, :length, 0] = k.transpose(1, 2)
+        self.kv[layer, first_slot : first_slot + n, :length, 1] = v.transpose(1, 2)
 
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """K, V [B, kv_heads, head_dim] of one new token per row (row i in slot i), at each row's position."""
-        self.k[layer][rows, :, positions] = k
-        self.v[layer][rows, :, positions] = v
+        self.kv[layer][rows, positions] = torch.stack((k, v), dim=1)
+
+    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
+        """K|V [B, 2 * kv_heads * head_dim] of one new token per row, flat: one op."""
+        self._rows[layer].index_put_((rows, positions), kv)
 
     def read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [batch, kv_heads, length, head_dim] of slots 0..batch-1: views, no copy."""
-        return self.k[layer, :batch, :, :length], self.v[layer, :batch, :, :length]
+        kv = self.kv[layer, :batch, :length]
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+    def views(self, batch: int, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """read() for every layer at once (a few ops per step, none per layer)."""
+        kv = self.kv[:, :batch, :length]
+        return kv[:, :, :, 0].transpose(2, 3).unbind(0), kv[:, :, :, 1].transpose(2, 3).unbind(0)

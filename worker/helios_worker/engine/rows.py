@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -25,10 +26,9 @@ class Row:
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1
     position: int = 0  # cache position the next fed token is written at
-    last_token: int = 0
     generated: int = 0
     last_emitted: float = 0.0
-    generator: object | None = None
+    rng: random.Random | None = None  # a sampled request's uniforms
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
 
@@ -52,8 +52,6 @@ class Row:
             tail, stopped = self.stops.push(self.detokenizer.flush())
             text += tail if stopped else tail + self.stops.flush()
             reason = "stop" if stopped else reason
-        else:
-            self.last_token = token
         return text, reason
 
     def finished(self, reason: FinishReason, error: str | None = None) -> Finished:

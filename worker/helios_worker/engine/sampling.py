@@ -1,4 +1,9 @@
-"""Choosing the emitted token from an exit's logits: greedy, or temperature + top-p with a per-request seed."""
+"""Choosing the emitted tokens from the exits' logits, batched on the device: greedy, or temperature + top-p.
+
+Each sampled request draws its uniforms from its own seeded host generator (one number per token),
+so its tokens depend on its seed only, not on its batch, and the draw needs no device generator and
+no host synchronisation: the sample is the inverse CDF of the filtered distribution at that number.
+"""
 
 from __future__ import annotations
 
@@ -9,49 +14,53 @@ import torch
 from helios_worker.engine.api import SamplingParams
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A generator per sampled request, so its tokens depend on its own seed only, not on its batch."""
+def make_rng(params: SamplingParams) -> random.Random | None:
+    """A uniform stream per sampled request; None for a greedy one."""
     if params.temperature <= 0.0:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    return generator
+    return random.Random(params.seed if params.seed is not None else random.getrandbits(63))
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail of `probs` [vocab] beyond the smallest set whose mass reaches top_p (keeps >= 1 token)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    mass_before = sorted_probs.cumsum(0) - sorted_probs
-    keep = mass_before < top_p
-    keep[0] = True  # a top_p that rounds to 0 must still leave the most likely token
-    sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-    return torch.zeros_like(probs).scatter(0, order, sorted_probs)
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept probabilities sorted descending [B, vocab], their token ids) for each row's top_p [B]:
+    the smallest prefix whose mass reaches top_p, never empty."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = mass_before < top_p[:, None]
+    keep[:, 0] = True  # a top_p that rounds to 0 must still leave the most likely token
+    return sorted_probs * keep, order
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """The token for one row of logits [vocab]."""
-    if params.temperature <= 0.0 or generator is None:
-        return int(logits.argmax())
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of `logits` [B, vocab], with per-row temperature (> 0), top_p and uniform in [0, 1)."""
     scaled = logits.float()
     # Shift before scaling: a tiny temperature would otherwise overflow the logits to inf and softmax to NaN.
-    probs = torch.softmax((scaled - scaled.max()) / params.temperature, dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        return int(logits.argmax())
-    probs = top_p_filter(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / temperature[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    kept, order = top_p_filter(probs, top_p)
+    cdf = kept.cumsum(dim=-1)
+    target = (uniform * cdf[:, -1])[:, None]
+    last_kept = (kept > 0).sum(dim=-1, keepdim=True) - 1  # rounding must not pick a filtered token
+    index = torch.minimum(torch.searchsorted(cdf, target, right=True), last_kept)
+    return order.gather(1, index)[:, 0]
 
 
 def choose_tokens(
     logits: torch.Tensor,
     greedy: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-) -> list[int]:
-    """Tokens for a batch: `greedy` [B] (argmax, already computed) for greedy rows, a draw for sampled ones."""
-    tokens: list[int] = greedy.tolist()
-    for row, (p, g) in enumerate(zip(params, generators, strict=True)):
-        if g is not None:
-            tokens[row] = sample_row(logits[row], p, g)
-    return tokens
+    rngs: list[random.Random | None],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens [B] on the device, the sampled rows' indices or None): `greedy` for greedy rows, a draw for
+    sampled ones. Reads nothing back from the device."""
+    sampled = [i for i, rng in enumerate(rngs) if rng is not None]
+    if not sampled:
+        return greedy, None
+    device = logits.device
+    rows = torch.tensor(sampled, device=device)
+    temperature = torch.tensor([params[i].temperature for i in sampled], device=device)
+    top_p = torch.tensor([params[i].top_p for i in sampled], device=device)
+    uniform = torch.tensor([rngs[i].random() for i in sampled], device=device)  # type: ignore[union-attr]
+    tokens = greedy.clone()
+    tokens[rows] = sample(logits[rows], temperature, top_p, uniform)
+    return tokens, rows
