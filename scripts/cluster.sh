@@ -87,7 +87,264 @@ cmd_build() {
   log "built in $((SECONDS - start)) s into ${BIN}"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Certificates and kubeconfigs (openssl; regenerated for every fresh plane)
+
+pki() { printf '%s/pki/%s' "${STATE}" "$1"; }
+
+# sign NAME SUBJECT [SAN]: a key and a certificate signed by the plane's CA.
+sign() {
+  local name="$1" subject="$2" san="${3:-}" ext
+  ext="$(pki "${name}.ext")"
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n' >"${ext}"
+  if [[ -n "${san}" ]]; then
+    printf 'extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=%s\n' "${san}" >>"${ext}"
+  else
+    printf 'extendedKeyUsage=clientAuth\n' >>"${ext}"
+  fi
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$(pki "${name}.key")" -subj "${subject}" \
+    -out "$(pki "${name}.csr")" 2>/dev/null
+  openssl x509 -req -in "$(pki "${name}.csr")" -CA "$(pki ca.crt)" -CAkey "$(pki ca.key)" \
+    -CAcreateserial -days 30 -sha256 -extfile "${ext}" -out "$(pki "${name}.crt")" 2>/dev/null
+  rm -f "$(pki "${name}.csr")" "${ext}"
+}
+
+# kubeconfig FILE CERT-NAME: a kubeconfig for the loopback API server with that client certificate.
+kubeconfig() {
+  local file="$1" name="$2"
+  cat >"${file}" <<YAML
+apiVersion: v1
+kind: Config
+clusters:
+  - name: helios
+    cluster:
+      server: https://127.0.0.1:${APISERVER_PORT}
+      certificate-authority-data: $(base64 -w0 <"$(pki ca.crt)")
+users:
+  - name: ${name}
+    user:
+      client-certificate-data: $(base64 -w0 <"$(pki "${name}.crt")")
+      client-key-data: $(base64 -w0 <"$(pki "${name}.key")")
+contexts:
+  - name: helios
+    context: {cluster: helios, user: ${name}, namespace: default}
+current-context: helios
+YAML
+  chmod 600 "${file}"
+}
+
+make_pki() {
+  mkdir -p "${STATE}/pki"
+  chmod 700 "${STATE}/pki"
+  openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$(pki ca.key)" -out "$(pki ca.crt)" \
+    -days 30 -subj "/CN=helios-cluster-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  sign apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  sign apiserver-kubelet-client "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client"
+  sign admin "/O=system:masters/CN=kubernetes-admin"
+  sign kube-controller-manager "/CN=system:kube-controller-manager"
+  sign kube-scheduler "/CN=system:kube-scheduler"
+  # The service-account signing key: tokens of `kubectl create token` are signed with it.
+  openssl genrsa -out "$(pki sa.key)" 2048 2>/dev/null
+  openssl rsa -in "$(pki sa.key)" -pubout -out "$(pki sa.pub)" 2>/dev/null
+  kubeconfig "${STATE}/kubeconfig" admin
+  kubeconfig "${STATE}/kube-controller-manager.kubeconfig" kube-controller-manager
+  kubeconfig "${STATE}/kube-scheduler.kubeconfig" kube-scheduler
+}
+
+# A node's own credentials (user system:node:NAME in group system:nodes), so the Node authorizer
+# and NodeRestriction judge the test kubelet as they judge a real one.
+cmd_node_kubeconfig() {
+  local node="${1:?usage: cluster.sh node-kubeconfig NODE-NAME}"
+  [[ -f "$(pki ca.key)" ]] || die "no plane: run \`cluster.sh up\` first"
+  mkdir -p "${STATE}/nodes"
+  if [[ ! -f "${STATE}/nodes/${node}.kubeconfig" ]]; then
+    sign "node-${node}" "/O=system:nodes/CN=system:node:${node}"
+    kubeconfig "${STATE}/nodes/${node}.kubeconfig" "node-${node}"
+  fi
+  printf '%s\n' "${STATE}/nodes/${node}.kubeconfig"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+pidfile() { printf '%s/pids/%s.pid' "${STATE}" "$1"; }
+
+alive() {
+  local f
+  f="$(pidfile "$1")"
+  [[ -f "${f}" ]] && kill -0 "$(cat "${f}")" 2>/dev/null
+}
+
+start() {
+  local name="$1"
+  shift
+  mkdir -p "${STATE}/pids" "${STATE}/logs"
+  # setsid: the plane outlives the shell (and the pytest session) that started it.
+  setsid "$@" >"${STATE}/logs/${name}.log" 2>&1 </dev/null &
+  echo $! >"$(pidfile "${name}")"
+}
+
+# wait_for WHAT SECONDS COMMAND...: poll until the command succeeds, or fail with the log's tail.
+wait_for() {
+  local what="$1" limit="$2" t=0
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    if ((t >= limit * 5)); then
+      log "${what} did not become ready in ${limit} s; last lines of its log:"
+      tail -n 30 "${STATE}/logs/${what}.log" >&2 || true
+      return 1
+    fi
+    if ! alive "${what}"; then
+      log "${what} exited; last lines of its log:"
+      tail -n 30 "${STATE}/logs/${what}.log" >&2 || true
+      return 1
+    fi
+    sleep 0.2
+    t=$((t + 1))
+  done
+}
+
+apiserver_ready() {
+  curl -sf --cacert "$(pki ca.crt)" --cert "$(pki admin.crt)" --key "$(pki admin.key)" \
+    "https://127.0.0.1:${APISERVER_PORT}/readyz" >/dev/null
+}
+
+running() {
+  local b
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler; do alive "${b}" || return 1; done
+  apiserver_ready
+}
+
+audit_policy() {
+  cat >"${STATE}/audit-policy.yaml" <<'YAML'
+# Every request at Metadata level (who, verb, resource, subresource, response code), so the tests
+# can compare what the operator's ServiceAccount really did with what the chart grants it.
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    nonResourceURLs: ["/healthz*", "/readyz*", "/livez*", "/version"]
+  - level: Metadata
+YAML
+}
+
+cmd_up() {
+  if running; then
+    log "reusing the running plane (state in ${STATE})"
+    printf '%s\n' "${STATE}/kubeconfig"
+    return 0
+  fi
+  cmd_build
+  cmd_down >/dev/null 2>&1 || true
+  local t0=$SECONDS
+  rm -rf "${STATE}"
+  mkdir -p "${STATE}/logs" "${STATE}/pids"
+  make_pki
+  audit_policy
+
+  start etcd "${BIN}/etcd" --name helios --data-dir "${STATE}/etcd" \
+    --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT_PORT}" \
+    --advertise-client-urls "http://127.0.0.1:${ETCD_CLIENT_PORT}" \
+    --listen-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
+    --initial-advertise-peer-urls "http://127.0.0.1:${ETCD_PEER_PORT}" \
+    --initial-cluster "helios=http://127.0.0.1:${ETCD_PEER_PORT}" \
+    --unsafe-no-fsync --quota-backend-bytes 1073741824 --log-level warn
+  wait_for etcd 30 curl -sf "http://127.0.0.1:${ETCD_CLIENT_PORT}/health"
+
+  # The default admission plugins are on unless disabled; OwnerReferencesPermissionEnforcement and
+  # NodeRestriction are added: the first is what hardened clusters run (blockOwnerDeletion needs
+  # `update` on the owner's finalizers), the second judges the test kubelet as a real kubelet.
+  start kube-apiserver "${BIN}/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:${ETCD_CLIENT_PORT}" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "${APISERVER_PORT}" \
+    --tls-cert-file "$(pki apiserver.crt)" --tls-private-key-file "$(pki apiserver.key)" \
+    --client-ca-file "$(pki ca.crt)" \
+    --kubelet-client-certificate "$(pki apiserver-kubelet-client.crt)" \
+    --kubelet-client-key "$(pki apiserver-kubelet-client.key)" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$(pki sa.pub)" \
+    --service-account-signing-key-file "$(pki sa.key)" \
+    --service-cluster-ip-range "${SERVICE_CIDR}" \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction,OwnerReferencesPermissionEnforcement \
+    --allow-privileged=true \
+    --audit-policy-file "${STATE}/audit-policy.yaml" \
+    --audit-log-path "${STATE}/audit.log" --audit-log-format json --audit-log-maxsize 200 \
+    --audit-log-mode batch --audit-log-batch-max-wait 1s \
+    --profiling=false --v 1
+  wait_for kube-apiserver 90 apiserver_ready
+
+  start kube-controller-manager "${BIN}/kube-controller-manager" \
+    --kubeconfig "${STATE}/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "${STATE}/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "${STATE}/kube-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "${KCM_PORT}" --cert-dir "${STATE}/kcm-certs" \
+    --use-service-account-credentials=true \
+    --service-account-private-key-file "$(pki sa.key)" --root-ca-file "$(pki ca.crt)" \
+    --cluster-signing-cert-file "$(pki ca.crt)" --cluster-signing-key-file "$(pki ca.key)" \
+    --service-cluster-ip-range "${SERVICE_CIDR}" --cluster-cidr "${CLUSTER_CIDR}" \
+    --allocate-node-cidrs=false --leader-elect=false \
+    --horizontal-pod-autoscaler-sync-period 5s \
+    --node-monitor-grace-period 40s \
+    --profiling=false --v 1
+  start kube-scheduler "${BIN}/kube-scheduler" \
+    --kubeconfig "${STATE}/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig "${STATE}/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig "${STATE}/kube-scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "${SCHEDULER_PORT}" --cert-dir "${STATE}/scheduler-certs" \
+    --leader-elect=false --profiling=false --v 1
+  wait_for kube-controller-manager 60 curl -sfk "https://127.0.0.1:${KCM_PORT}/healthz"
+  wait_for kube-scheduler 60 curl -sfk "https://127.0.0.1:${SCHEDULER_PORT}/healthz"
+  # The default ServiceAccount comes from the controller-manager: namespaces are usable once it is there.
+  wait_for kube-controller-manager 60 \
+    env KUBECONFIG="${STATE}/kubeconfig" "${BIN}/kubectl" get serviceaccount default -n default
+  log "plane up in $((SECONDS - t0)) s (state in ${STATE})"
+  printf '%s\n' "${STATE}/kubeconfig"
+}
+
+cmd_down() {
+  local b f pid stopped=0
+  for b in kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    f="$(pidfile "${b}")"
+    [[ -f "${f}" ]] || continue
+    pid="$(cat "${f}")"
+    if kill -0 "${pid}" 2>/dev/null; then
+      kill -TERM "${pid}" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "${pid}" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "${pid}" 2>/dev/null && kill -KILL "${pid}" 2>/dev/null || true
+      stopped=$((stopped + 1))
+    fi
+    rm -f "${f}"
+  done
+  log "stopped ${stopped} process(es)"
+}
+
+cmd_env() {
+  printf 'export KUBECONFIG=%q\n' "${STATE}/kubeconfig"
+  printf 'export PATH=%q:"$PATH"\n' "${BIN}"
+  printf 'export HELIOS_CLUSTER_DIR=%q\n' "${STATE}"
+  printf 'export HELIOS_CLUSTER_BIN=%q\n' "${BIN}"
+  printf 'export HELIOS_CLUSTER_AUDIT_LOG=%q\n' "${STATE}/audit.log"
+}
+
+cmd_status() {
+  local b
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    if alive "${b}"; then echo "${b}: running (pid $(cat "$(pidfile "${b}")"))"; else echo "${b}: stopped"; fi
+  done
+  running
+}
+
 case "${1:-}" in
   build) cmd_build ;;
-  *) die "usage: $0 build|up|down|env|status" ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  env) cmd_env ;;
+  status) cmd_status ;;
+  node-kubeconfig) cmd_node_kubeconfig "${2:-}" ;;
+  bin) printf '%s\n' "${BIN}" ;;
+  *) die "usage: $0 build|up|down|env|status|node-kubeconfig NODE|bin" ;;
 esac
