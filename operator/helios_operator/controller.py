@@ -25,7 +25,7 @@ from helios_operator.model import (
     StepResult,
     TelemetrySnapshot,
 )
-from helios_operator.platforms.kubernetes import KubernetesPlatform, Owner
+from helios_operator.platforms.kubernetes import KubeApiError, KubernetesPlatform, Owner
 from helios_operator.settings import Settings
 from helios_operator.telemetry import PrometheusTelemetry, TelemetryProvider
 
@@ -39,6 +39,13 @@ class Outcome:
     telemetry: TelemetrySnapshot | None = None
     requeue_after: float | None = None
     actions: tuple[Any, ...] = ()
+
+
+CONFLICT_RETRIES = 3
+
+
+class StatusConflict(Exception):
+    """The status write lost a resourceVersion race (409): the step's decision rests on an old object."""
 
 
 @dataclass
@@ -92,7 +99,19 @@ async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now
     clock = time.time() if now is None else now
     async with controller.lock(owner.namespace, owner.name):
         try:
-            outcome = await _reconcile(body, controller, owner, clock)
+            for _ in range(CONFLICT_RETRIES):
+                try:
+                    outcome = await _reconcile(body, controller, owner, clock)
+                    break
+                except StatusConflict:
+                    # Another writer changed the object since `body` was read: nothing was acted on;
+                    # decide again from the object as it is now.
+                    fresh = await asyncio.to_thread(controller.platform.get_owner, owner)
+                    if fresh is None:
+                        return Outcome("gone", read_status(body))
+                    body = fresh
+            else:
+                outcome = Outcome("conflict", read_status(body), requeue_after=1.0)
         except Exception as err:  # a bug must not stop the loop; say it in status and retry
             log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
             outcome = await _report_platform_error(
@@ -164,8 +183,14 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
         await asyncio.to_thread(act, events)
     except Exception as err:  # PlatformError; Events never hold the switch back
         outcome, new_status = "platform_error", failed(new_status, err)
+    version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
     try:
-        await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+        version = await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict(), version) or None
+    except KubeApiError as err:
+        if err.status == 409:
+            raise StatusConflict(str(err)) from err
+        log.warning("patching the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
+        return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions)
     except Exception as err:
         log.warning("patching the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
         return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions)
@@ -180,7 +205,7 @@ async def _reconcile(body: Mapping[str, Any], controller: Controller, owner: Own
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome, new_status = "platform_error", failed(new_status, err)
         try:
-            await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict())
+            await asyncio.to_thread(platform.patch_status, owner, new_status.to_dict(), version)
         except Exception as err2:
             log.warning("patching the status of %s failed: %s", owner.name, err2)
     return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions)
@@ -217,21 +242,13 @@ async def _report_platform_error(
     return Outcome("platform_error", new_status)
 
 
-async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
-    """On deletion: delete the workers and the Service explicitly (the API server's garbage collector
-    would, through the ownerReferences; doing it here also works where no collector runs)."""
-    from helios_operator import resources
-
+async def forget(body: Mapping[str, Any], controller: Controller) -> None:
+    """The object is gone: drop what the operator holds for it. Its children are not touched: they
+    carry ownerReferences, and the API server's garbage collector deletes them (no finalizer)."""
     owner = owner_of(body)
-    platform = controller.platform
-    monitor = resources.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
-    async with controller.lock(owner.namespace, owner.name):
-        observed = await asyncio.to_thread(platform.observe, owner)
-        for worker in observed.workers:
-            await asyncio.to_thread(platform.delete_worker, owner, worker.name)
-        await asyncio.to_thread(platform.delete_services, owner, monitor)
     operator_metrics.forget(owner.namespace, owner.name)
     controller._locks.pop((owner.namespace, owner.name), None)
+    controller._wakeups.pop((owner.namespace, owner.name), None)
 
 
-__all__ = ["Controller", "Outcome", "finalize", "make_controller", "reconcile_once"]
+__all__ = ["Controller", "Outcome", "forget", "make_controller", "reconcile_once"]

@@ -41,7 +41,15 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.cleanup()
-def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    loops: dict[tuple[str, str], _Loop] = memo.get("loops") or {}
+    for loop in loops.values():
+        loop.stop.set()
+    tasks = [loop.task for loop in loops.values() if loop.task is not None]
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()
     server = getattr(memo, "metrics_server", None)
     if server is not None:
         server.shutdown()
@@ -66,30 +74,71 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.wakeup(owner.namespace, owner.name).set()
 
 
-@kopf.daemon(*_RESOURCE, cancellation_timeout=5.0)
-async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+@kopf.on.event(*_RESOURCE)
+async def watched(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event (and the initial listing) of a HeliosDeployment: keep one resync loop per
+    live object, fed its latest body, and stop it when the object is gone.
+
+    A watching handler, not a kopf daemon: kopf puts a finalizer on every object with a daemon, and a
+    finalizer blocks deletion while the operator is down. The children carry ownerReferences, so the
+    API server's garbage collector removes them; the operator keeps no finalizer."""
+    obj = event["object"]
+    meta = obj.get("metadata") or {}
+    key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+    loops: dict[tuple[str, str], _Loop] = memo.setdefault("loops", {})
+    loop = loops.get(key)
+    if event["type"] == "DELETED" or meta.get("deletionTimestamp"):
+        if loop is not None and loop.uid == meta.get("uid"):
+            loops.pop(key)
+            loop.stop.set()
+            memo.controller.wakeup(*key).set()
+            await controller.forget(obj, memo.controller)
+        return
+    if loop is not None and loop.uid != meta.get("uid"):  # deleted and re-created while we looked away
+        loop.stop.set()
+        loop = None
+    if loop is None:
+        loop = _Loop(uid=str(meta.get("uid")), body=dict(obj))
+        loop.task = asyncio.create_task(resync(loop, memo.controller), name=f"resync {key[0]}/{key[1]}")
+        loops[key] = loop
+    else:  # the loop's body is live: replaced in place with the newest object
+        loop.body.clear()
+        loop.body.update(obj)
+
+
+class _Loop:
+    def __init__(self, uid: str, body: dict[str, Any]) -> None:
+        self.uid = uid
+        self.body = body
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+async def resync(loop: _Loop, ctl: controller.Controller) -> None:
     """The one reconcile loop per object (started when it appears, on create and on operator restart):
     every resync_interval_s, sooner when the step asks (requeue_after) or the spec changes."""
-    ctl: controller.Controller = memo.controller
-    owner = controller.owner_of(body)
+    owner = controller.owner_of(loop.body)
     wakeup = ctl.wakeup(owner.namespace, owner.name)
-    while not stopped:
+    while not loop.stop.is_set():
         wakeup.clear()
-        outcome = await controller.reconcile_once(body, ctl)
-        delay = ctl.settings.resync_interval_s
-        if outcome.requeue_after is not None:
-            delay = max(0.05, min(delay, outcome.requeue_after))
-        woken, timer = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait(delay))
         try:
-            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+            outcome = await controller.reconcile_once(loop.body, ctl)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # reconcile_once reports its own errors; never let the loop die
+            logging.getLogger("helios_operator").exception("resync of %s/%s", owner.namespace, owner.name)
+            outcome = None
+        delay = ctl.settings.resync_interval_s
+        if outcome is not None and outcome.requeue_after is not None:
+            delay = max(0.05, min(delay, outcome.requeue_after))
+        if loop.stop.is_set():
+            break
+        woken, stopped = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(loop.stop.wait())
+        try:
+            await asyncio.wait({woken, stopped}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
-            timer.cancel()
-
-
-@kopf.on.delete(*_RESOURCE)
-async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await controller.finalize(body, memo.controller)
+            stopped.cancel()
 
 
 # ---------------------------------------------------------------------------------------------

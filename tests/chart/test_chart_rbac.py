@@ -15,6 +15,7 @@ RULES_FILE = CHART / "files" / "rbac.yaml"
 EXPECTED_NAMESPACED = {
     *(("helios.dev", "heliosdeployments", v) for v in ("list", "watch", "patch")),
     ("helios.dev", "heliosdeployments/status", "patch"),
+    ("helios.dev", "heliosdeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     *(("apps", "deployments", v) for v in ("get", "list", "create", "patch", "delete")),
     *(("", "services", v) for v in ("get", "list", "create", "patch", "delete")),
     ("", "pods", "list"),
@@ -22,7 +23,8 @@ EXPECTED_NAMESPACED = {
 }
 EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "delete")}
 EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
-EXPECTED_ALL_NAMESPACES = {("", "namespaces", v) for v in ("list", "watch")}
+# kopf scans namespaces only when it is not cluster-wide (namespaced mode)
+EXPECTED_NAMESPACE_SCANNING = {("", "namespaces", v) for v in ("list", "watch")}
 
 
 def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -36,11 +38,11 @@ def _file() -> dict[str, list[dict[str, Any]]]:
 
 def test_the_rules_file_grants_exactly_what_the_operator_calls() -> None:
     rules = _file()
-    assert set(rules) == {"namespaced", "serviceMonitor", "cluster", "allNamespaces"}
+    assert set(rules) == {"namespaced", "serviceMonitor", "cluster", "namespaceScanning"}
     assert _triples(rules["namespaced"]) == EXPECTED_NAMESPACED
     assert _triples(rules["serviceMonitor"]) == EXPECTED_SERVICE_MONITOR
     assert _triples(rules["cluster"]) == EXPECTED_CLUSTER
-    assert _triples(rules["allNamespaces"]) == EXPECTED_ALL_NAMESPACES
+    assert _triples(rules["namespaceScanning"]) == EXPECTED_NAMESPACE_SCANNING
 
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
@@ -59,9 +61,8 @@ def test_all_namespaces_mode_uses_cluster_roles_rendered_from_the_file() -> None
     docs = manifests("defaults")
     rules = _file()
     assert _triples(one(docs, "ClusterRole", RELEASE)["rules"]) == _triples(rules["namespaced"])
-    assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(
-        rules["cluster"] + rules["allNamespaces"]
-    )
+    # cluster-wide, kopf watches every namespace's objects with one request: no namespace scanning
+    assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(rules["cluster"])
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
 
 
@@ -77,7 +78,8 @@ def test_namespaced_mode_grants_a_role_per_watched_namespace_and_no_cluster_wide
     for role in roles:
         assert _triples(role["rules"]) == EXPECTED_NAMESPACED | EXPECTED_SERVICE_MONITOR
     (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    assert _triples(cluster_role["rules"]) == EXPECTED_CLUSTER  # no namespaces, nothing writable
+    # kopf lists and watches namespaces to learn which of the named ones exist; nothing writable
+    assert _triples(cluster_role["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACE_SCANNING
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "monitoring", "namespaced"])

@@ -1,14 +1,22 @@
-"""The end-to-end suite's gate, configuration and cluster fixtures (see docs/cluster-testing.md).
+"""The cluster suite's gate, configuration and cluster fixtures (see docs/cluster-testing.md).
 
-Every test under tests/cluster is marked `cluster` and skipped, with the reason, unless HELIOS_E2E=1
-and KUBECONFIG (or ~/.kube/config) points at a cluster that answers `kubectl version` within seconds.
-What the fixtures leave behind is one namespace (deleted at the end unless HELIOS_E2E_KEEP=1), one
-PersistentVolume named after it, the CRD (kept: other releases may use it) and the Helm release's
-cluster-wide objects (removed by `helm uninstall`).
+Every test under tests/cluster is marked `cluster`. It runs against one of two targets:
+- the project's own control plane (the default): `scripts/cluster.sh up` starts real etcd,
+  kube-apiserver, kube-controller-manager and kube-scheduler on loopback (built from Go modules
+  once per machine), and tests/support/kubelet.py stands in for the kubelet; the suite is skipped,
+  with the reason, where the plane cannot be built (no Go >= 1.25) or HELIOS_CLUSTER=0;
+- any cluster, with HELIOS_E2E=1 and KUBECONFIG (kind, k3d, a cloud cluster): skipped, with the
+  reason, unless it answers `kubectl version` within seconds.
+Tests marked `own_plane` need the project's plane (its test kubelet, its audit log); tests marked
+`images` need the operator and worker images, cluster DNS and kube-proxy (an external cluster).
+What the fixtures leave behind on an external cluster is one namespace (deleted at the end unless
+HELIOS_E2E_KEEP=1), one PersistentVolume named after it, the CRD (kept: other releases may use it)
+and the Helm release's cluster-wide objects (removed by `helm uninstall`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
@@ -17,6 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import plane as own
 import pytest
 from e2e_support import (
     HERE,
@@ -40,12 +49,17 @@ def e2e_config() -> E2EConfig:
     return E2EConfig.from_env()
 
 
+def external() -> bool:
+    """HELIOS_E2E=1: the cluster KUBECONFIG names, not the project's own plane."""
+    return e2e_config().enabled
+
+
 @cache
 def unavailable() -> str | None:
     """Why the suite cannot run here, or None. Asks the cluster only when HELIOS_E2E=1."""
+    if not external():
+        return own.unavailable()
     cfg = e2e_config()
-    if not cfg.enabled:
-        return f"{SKIP_REASON} (HELIOS_E2E is not 1)"
     if shutil.which("kubectl") is None:
         return f"{SKIP_REASON} (no kubectl on PATH)"
     if cfg.kubeconfig is None:
@@ -67,6 +81,18 @@ def unavailable() -> str | None:
     return None
 
 
+IMAGES_ONLY = (
+    "needs the operator and worker images, cluster DNS and kube-proxy: runs against a cluster with "
+    "HELIOS_E2E=1 (docs/cluster-testing.md); the project's plane proves the same through tests/support/kubelet.py"
+)
+OWN_PLANE_ONLY = "needs the project's own plane (its test kubelet and audit log): unset HELIOS_E2E"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_plane: needs scripts/cluster.sh's plane (test kubelet, audit log)")
+    config.addinivalue_line("markers", "images: needs the images, cluster DNS and kube-proxy (HELIOS_E2E=1)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # This hook sees every collected item, not only this folder's: touch only ours.
     ours = [item for item in items if HERE in Path(str(item.path)).resolve().parents]
@@ -77,6 +103,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.cluster)
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
+        elif external() and item.get_closest_marker("own_plane"):
+            item.add_marker(pytest.mark.skip(reason=OWN_PLANE_ONLY))
+        elif not external() and item.get_closest_marker("images"):
+            item.add_marker(pytest.mark.skip(reason=IMAGES_ONLY))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +119,28 @@ def e2e() -> E2EConfig:
 
 
 @pytest.fixture(scope="session")
-def kube(e2e: E2EConfig) -> Iterator[Kubectl]:
+def plane() -> Iterator[own.Plane | None]:
+    """The project's own plane, started (or reused) by `scripts/cluster.sh up`; None on an external
+    cluster. Stopped at the end if this session started it, unless HELIOS_CLUSTER_KEEP=1."""
+    if external():
+        yield None
+        return
+    started = own.up()
+    yield started
+    if started.started_here and os.environ.get("HELIOS_CLUSTER_KEEP") != "1":
+        own.down()
+
+
+@pytest.fixture(scope="session")
+def client_env(plane: own.Plane | None) -> dict[str, str] | None:
+    """The environment of real clients (kubectl, helm): the plane's, or this process's."""
+    return plane.env() if plane is not None else None
+
+
+@pytest.fixture(scope="session")
+def kube(e2e: E2EConfig, client_env: dict[str, str] | None) -> Iterator[Kubectl]:
     """kubectl bound to a fresh namespace, deleted at the end (unless HELIOS_E2E_KEEP=1)."""
-    kube = Kubectl(f"helios-e2e-{uuid.uuid4().hex[:6]}")
+    kube = Kubectl(f"helios-e2e-{uuid.uuid4().hex[:6]}", env=client_env)
     kube.ok("create", "namespace", kube.namespace)
     yield kube
     if not e2e.keep:

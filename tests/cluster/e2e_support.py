@@ -65,6 +65,7 @@ class E2EConfig:
 class Kubectl:
     namespace: str
     timeout_s: float = 60.0
+    env: dict[str, str] | None = None  # KUBECONFIG and PATH of the cluster (None: this process's)
 
     def run(
         self, *args: str, stdin: str | None = None, timeout: float | None = None
@@ -76,6 +77,7 @@ class Kubectl:
             text=True,
             timeout=timeout or self.timeout_s,
             check=False,
+            env=self.env,
         )
 
     def ok(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:

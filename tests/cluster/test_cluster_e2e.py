@@ -2,8 +2,9 @@
 and both images, the trained tiny example profiled on live traffic and served, the scale subresource,
 a forced switch under traffic with no failed request, and garbage collection by ownerReferences.
 
-Runs only with HELIOS_E2E=1 and a reachable cluster (conftest.py says why it skips); how to set one
-up with kind or k3d is in docs/cluster-testing.md. The tests run in file order and build on each
+The CRD tests run on every target (the project's own plane too); the tests marked `images` need the
+images, cluster DNS and kube-proxy, so they run only with HELIOS_E2E=1 and a reachable cluster
+(conftest.py says why it skips); how to set one up with kind or k3d is in docs/cluster-testing.md. The tests run in file order and build on each
 other's state (one namespace, one release, one HeliosDeployment), as a person would.
 """
 
@@ -143,6 +144,7 @@ def test_the_api_server_rejects_the_bad_object(kube: Kubectl, crd: dict[str, Any
         assert leaf in message, f"expected the field {leaf!r} named in: {message}"
 
 
+@pytest.mark.images
 def test_the_chart_installs_an_operator_that_runs_from_the_image(
     kube: Kubectl, e2e: E2EConfig, operator_release: str
 ) -> None:
@@ -155,6 +157,7 @@ def test_the_chart_installs_an_operator_that_runs_from_the_image(
     assert env.get("HELIOS_NAMESPACES") == kube.namespace
 
 
+@pytest.mark.images
 def test_the_tiny_example_profiles_on_live_traffic_and_serves(kube: Kubectl, tiny: dict[str, Any]) -> None:
     st = tiny["status"]
     assert st["decisions"][0]["trigger"] == "profiling" and st["decisions"][0]["applied"] is True
@@ -172,6 +175,7 @@ def test_the_tiny_example_profiles_on_live_traffic_and_serves(kube: Kubectl, tin
     assert row.split()[:6] == [HD, "Serving", st["active"]["candidate"], str(st["active"]["depth"]), "1", "1"]
 
 
+@pytest.mark.images
 def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
 ) -> None:
@@ -188,6 +192,7 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
 
 
+@pytest.mark.images
 def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
     """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
     other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
@@ -215,6 +220,7 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
     assert {"CandidateRemoved", "SwitchStarted", "Switched"} <= reasons, reasons
 
 
+@pytest.mark.images
 def test_deleting_the_heliosdeployment_garbage_collects_its_children(
     kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any], operator_release: str
 ) -> None:

@@ -34,8 +34,10 @@ Triple = tuple[str, str, str]
 NOT_EXERCISED: dict[Triple, str] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf scans CRDs (scanning is off in the harness)",
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf scans CRDs (scanning is off in the harness)",
-    ("", "namespaces", "list"): "kopf's namespace scanning in all-namespaces mode (off in the harness)",
-    ("", "namespaces", "watch"): "kopf's namespace scanning in all-namespaces mode (off in the harness)",
+    ("helios.dev", "heliosdeployments/finalizers", "update"): (
+        "no call: OwnerReferencesPermissionEnforcement checks it when a child with blockOwnerDeletion is "
+        "created (tests/cluster/test_operator_on_plane.py proves it on a real API server)"
+    ),
 }
 
 

@@ -14,6 +14,9 @@ containers, no root networking); everything it talks to is real. What it does, a
   sets no command); an image it cannot run gets the waiting reason ErrImagePull, then
   ImagePullBackOff, as a registry that lacks the image would;
 - gives every pod its own loopback address (127.0.N.x) as pod IP;
+- asks for the pod's ServiceAccount token (a TokenRequest bound to the pod) and hands it to the
+  processes as a KUBECONFIG file, the stand-in for the projected token volume: a pod acts with its
+  ServiceAccount's RBAC, never with the test's credentials;
 - probes startup, readiness and liveness (httpGet, tcpSocket, exec) and writes truthful pod status:
   phase, Ready/ContainersReady conditions, container states, restart counts, exit codes, the
   termination message (FallbackToLogsOnError: the log's tail), CrashLoopBackOff between restarts;
@@ -22,7 +25,8 @@ containers, no root networking); everything it talks to is real. What it does, a
 
 What a container cannot have here, and what stands in (docs/cluster-testing.md says it too):
 - no network namespace: a process that listens on 0.0.0.0 or `::` is given its pod IP instead
-  (every `0.0.0.0` among its args; HOST-style env values are left alone);
+  (an arg that is `0.0.0.0`, or holds `=0.0.0.0` or `://0.0.0.0:`, and env values that are
+  `0.0.0.0`); a program that binds 0.0.0.0 by default must be told its address (status.podIP);
 - no mount namespace: a mount path at the start of an arg or env value is rewritten to the host
   directory the volume stands for (hostPath, a PVC bound to a hostPath PV, or a per-pod emptyDir);
 - no cgroups: resources are scheduled by the real scheduler against the capacity reported here,
@@ -469,6 +473,8 @@ class TestKubelet:
     def _rewrite(self, value: str, mounts: list[tuple[str, str]], ip: str) -> str:
         if value == "0.0.0.0" or value == "::":
             return ip
+        for wildcard in ("://0.0.0.0:", "=0.0.0.0"):  # --liveness=http://0.0.0.0:8080/..., --host=0.0.0.0
+            value = value.replace(wildcard, wildcard.replace("0.0.0.0", ip))
         for inside, host in mounts:
             if value == inside or value.startswith(inside + "/"):
                 return host + value[len(inside) :]
@@ -494,7 +500,7 @@ class TestKubelet:
         env: dict[str, str] = {}
         for var in c.spec.get("env") or ():
             if "value" in var:
-                env[var["name"]] = self._rewrite(str(var["value"]), mounts, pod.ip)
+                env[var["name"]] = self._rewrite(str(var.get("value") or ""), mounts, pod.ip)
             elif "fieldRef" in var.get("valueFrom", {}):
                 env[var["name"]] = self._field_ref(pod, var["valueFrom"]["fieldRef"]["fieldPath"])
         argv = entry + [str(a) for a in c.spec.get("args") or ()]
@@ -505,7 +511,45 @@ class TestKubelet:
             return arg
 
         argv = [self._rewrite(expand(a), mounts, pod.ip) for a in argv]
-        return argv, {**self.env, "HOSTNAME": pod.body["metadata"]["name"], **env}
+        base = {k: v for k, v in self.env.items() if k != "KUBECONFIG"}  # never the test's own identity
+        account = self._service_account_kubeconfig(pod)
+        if account is not None:
+            base["KUBECONFIG"] = account
+        return argv, {**base, "HOSTNAME": pod.body["metadata"]["name"], **env}
+
+    def _service_account_kubeconfig(self, pod: Pod) -> str | None:
+        """The pod's ServiceAccount token (a TokenRequest bound to the pod, as the kubelet asks for
+        its projected token volume), handed over as a kubeconfig file: no mount namespace here."""
+        spec = pod.body["spec"]
+        if spec.get("automountServiceAccountToken") is False:
+            return None
+        path = pod.workdir / "serviceaccount.kubeconfig"
+        if path.exists():
+            return str(path)
+        meta = pod.body["metadata"]
+        account = spec.get("serviceAccountName") or "default"
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 3600 * 6,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+            },
+        }
+        r = self._api.post(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token", json=request)
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"token for {meta['namespace']}/{account}: {r.status_code} {r.text[:300]}")
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": self.credentials.server, "certificate-authority": self.credentials.ca_file}}],
+            "users": [{"name": account, "user": {"token": r.json()["status"]["token"]}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": account, "namespace": meta["namespace"]}}],
+            "current-context": "c",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return str(path)
 
     def _start(self, pod: Pod, c: Container) -> None:
         argv, env = self._argv_env(pod, c)

@@ -398,6 +398,23 @@ class KubernetesPlatform:
         }
         self.api.request("POST", f"/api/v1/namespaces/{owner.namespace}/events", body)
 
-    def patch_status(self, owner: Owner, status: dict[str, Any]) -> None:
+    def patch_status(self, owner: Owner, status: dict[str, Any], resource_version: str | None = None) -> str:
+        """Write status whole. With `resource_version` the write is conditional: the API server answers
+        409 Conflict (KubeApiError) when the object changed since (optimistic concurrency).
+        Returns the object's new resourceVersion."""
         path = f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{owner.namespace}/{names.PLURAL}/{owner.name}/status"
-        self.api.request("PATCH", path, {"status": status}, MERGE)
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        done = self.api.request("PATCH", path, body, MERGE)
+        return str((done.get("metadata") or {}).get("resourceVersion") or "")
+
+    def get_owner(self, owner: Owner) -> dict[str, Any] | None:
+        """The HeliosDeployment as the API server has it now; None when it is gone."""
+        path = f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{owner.namespace}/{names.PLURAL}/{owner.name}"
+        try:
+            return self.api.request("GET", path)
+        except KubeApiError as err:
+            if err.status == 404:
+                return None
+            raise
