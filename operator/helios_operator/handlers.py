@@ -47,7 +47,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         loop.stop.set()
     tasks = [loop.task for loop in loops.values() if loop.task is not None]
     if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        _done, pending = await asyncio.wait(tasks, timeout=5.0)
         for task in pending:
             task.cancel()
     server = getattr(memo, "metrics_server", None)

@@ -17,11 +17,11 @@ EXPECTED_NAMESPACED = {
     ("helios.dev", "heliosdeployments/status", "patch"),
     ("helios.dev", "heliosdeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     *(("apps", "deployments", v) for v in ("get", "list", "create", "patch", "delete")),
-    *(("", "services", v) for v in ("get", "list", "create", "patch", "delete")),
+    *(("", "services", v) for v in ("get", "list", "create", "patch")),  # deleted by garbage collection
     ("", "pods", "list"),
     ("", "events", "create"),
 }
-EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "delete")}
+EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create")}
 EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 # kopf scans namespaces only when it is not cluster-wide (namespaced mode)
 EXPECTED_NAMESPACE_SCANNING = {("", "namespaces", v) for v in ("list", "watch")}

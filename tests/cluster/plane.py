@@ -17,9 +17,7 @@ GO_MINIMUM = (1, 25)
 
 
 def _script(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def go_version() -> tuple[int, int] | None:

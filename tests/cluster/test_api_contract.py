@@ -119,7 +119,12 @@ def hpa(namespace: str, target: str) -> dict[str, Any]:
             "scaleTargetRef": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": target},
             "minReplicas": 1,
             "maxReplicas": 4,
-            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                }
+            ],
         },
     }
 

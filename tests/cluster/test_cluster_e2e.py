@@ -4,8 +4,9 @@ a forced switch under traffic with no failed request, and garbage collection by 
 
 The CRD tests run on every target (the project's own plane too); the tests marked `images` need the
 images, cluster DNS and kube-proxy, so they run only with HELIOS_E2E=1 and a reachable cluster
-(conftest.py says why it skips); how to set one up with kind or k3d is in docs/cluster-testing.md. The tests run in file order and build on each
-other's state (one namespace, one release, one HeliosDeployment), as a person would.
+(conftest.py says why it skips); how to set one up with kind or k3d is in docs/cluster-testing.md.
+The tests run in file order and build on each other's state (one namespace, one release, one
+HeliosDeployment), as a person would.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import httpx
 import pytest
 from e2e_support import Kubectl, wait_for
 from plane import Plane
-
 from tests.support.kubelet import ApiCredentials, TestKubelet
 
 pytestmark = [pytest.mark.own_plane, pytest.mark.timeout(600)]

@@ -114,9 +114,7 @@ class ApiCredentials:
 
     def client(self, timeout: float = 10.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(
-            base_url=self.server, verify=self.ca_file, cert=self.cert, headers=headers, timeout=timeout
-        )
+        return httpx.Client(base_url=self.server, verify=self.ca_file, cert=self.cert, headers=headers, timeout=timeout)
 
 
 @dataclass
@@ -482,7 +480,7 @@ class TestKubelet:
 
     def _field_ref(self, pod: Pod, path: str) -> str:
         meta = pod.body["metadata"]
-        table = {
+        table: dict[str, str] = {
             "metadata.name": meta["name"],
             "metadata.namespace": meta["namespace"],
             "metadata.uid": meta["uid"],
@@ -542,7 +540,12 @@ class TestKubelet:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "c", "cluster": {"server": self.credentials.server, "certificate-authority": self.credentials.ca_file}}],
+            "clusters": [
+                {
+                    "name": "c",
+                    "cluster": {"server": self.credentials.server, "certificate-authority": self.credentials.ca_file},
+                }
+            ],
             "users": [{"name": account, "user": {"token": r.json()["status"]["token"]}}],
             "contexts": [{"name": "c", "context": {"cluster": "c", "user": account, "namespace": meta["namespace"]}}],
             "current-context": "c",
@@ -659,9 +662,11 @@ class TestKubelet:
             except OSError:
                 return False
         if "exec" in probe:
-            argv, env = self._argv_env(pod, c)
+            _, env = self._argv_env(pod, c)
             try:
-                done = subprocess.run(probe["exec"]["command"], env=env, timeout=timeout, capture_output=True, check=False)
+                done = subprocess.run(
+                    probe["exec"]["command"], env=env, timeout=timeout, capture_output=True, check=False
+                )
             except (OSError, subprocess.TimeoutExpired):
                 return False
             return done.returncode == 0
@@ -769,7 +774,12 @@ class TestKubelet:
             self._api.request(
                 "DELETE",
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                json={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}},
+                json={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": pod.uid},
+                },
             )
 
     # --- status
@@ -816,7 +826,12 @@ class TestKubelet:
             status = "True" if ok else "False"
             prev = old.get(kind)
             since = prev["lastTransitionTime"] if prev and prev.get("status") == status else now()
-            return {"type": kind, "status": status, "lastTransitionTime": since, **({"reason": reason} if reason else {})}
+            return {
+                "type": kind,
+                "status": status,
+                "lastTransitionTime": since,
+                **({"reason": reason} if reason else {}),
+            }
 
         started = any(c.started_at for c in pod.containers)
         conditions = [
