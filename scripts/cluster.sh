@@ -231,6 +231,28 @@ rules:
 YAML
 }
 
+# Pod addresses. The API server refuses loopback addresses in EndpointSlices (and as its own
+# advertised address), so the test kubelet's pods get addresses from the pod CIDR, which a `local`
+# route on lo makes this machine's own (as 127.0.0.0/8 is): any of them can be bound and reached
+# here, and nowhere else. Adding the route needs root (CAP_NET_ADMIN); without it pods fall back to
+# 127.0.N.x and the EndpointSlice tests say why they skip. `down` removes the route it added.
+pod_route() {
+  ip route show table local "${CLUSTER_CIDR}" 2>/dev/null | grep -q .
+}
+
+add_pod_route() {
+  if pod_route; then
+    printf '%s\n' "${CLUSTER_CIDR%.0.0/16}" >"${STATE}/pod-prefix"
+  elif ip route add local "${CLUSTER_CIDR}" dev lo table local 2>/dev/null; then
+    printf '%s\n' "${CLUSTER_CIDR%.0.0/16}" >"${STATE}/pod-prefix"
+    touch "${STATE}/pod-route-added"
+    log "pod addresses: ${CLUSTER_CIDR} routed locally on lo"
+  else
+    printf '127.0\n' >"${STATE}/pod-prefix"
+    log "pod addresses: 127.0.N.x (cannot route ${CLUSTER_CIDR} on lo without CAP_NET_ADMIN; EndpointSlices refuse loopback)"
+  fi
+}
+
 cmd_up() {
   if running; then
     log "reusing the running plane (state in ${STATE})"
@@ -244,6 +266,7 @@ cmd_up() {
   mkdir -p "${STATE}/logs" "${STATE}/pids"
   make_pki
   audit_policy
+  add_pod_route
 
   start etcd "${BIN}/etcd" --name helios --data-dir "${STATE}/etcd" \
     --listen-client-urls "http://127.0.0.1:${ETCD_CLIENT_PORT}" \
@@ -254,12 +277,15 @@ cmd_up() {
     --unsafe-no-fsync --quota-backend-bytes 1073741824 --log-level warn
   wait_for etcd 30 curl -sf "http://127.0.0.1:${ETCD_CLIENT_PORT}/health"
 
+  # No endpoint reconciler: it refuses a loopback advertise address (in-cluster clients of the
+  # `kubernetes` Service are not run here; clients use the kubeconfig's loopback address).
   # The default admission plugins are on unless disabled; OwnerReferencesPermissionEnforcement and
   # NodeRestriction are added: the first is what hardened clusters run (blockOwnerDeletion needs
   # `update` on the owner's finalizers), the second judges the test kubelet as a real kubelet.
   start kube-apiserver "${BIN}/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:${ETCD_CLIENT_PORT}" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "${APISERVER_PORT}" \
+    --endpoint-reconciler-type none \
     --tls-cert-file "$(pki apiserver.crt)" --tls-private-key-file "$(pki apiserver.key)" \
     --client-ca-file "$(pki ca.crt)" \
     --kubelet-client-certificate "$(pki apiserver-kubelet-client.crt)" \
@@ -307,6 +333,10 @@ cmd_up() {
 
 cmd_down() {
   local b f pid stopped=0
+  if [[ -f "${STATE}/pod-route-added" ]]; then
+    ip route del local "${CLUSTER_CIDR}" dev lo table local 2>/dev/null || true
+    rm -f "${STATE}/pod-route-added"
+  fi
   for b in kube-scheduler kube-controller-manager kube-apiserver etcd; do
     f="$(pidfile "${b}")"
     [[ -f "${f}" ]] || continue

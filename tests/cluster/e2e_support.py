@@ -89,9 +89,9 @@ class Kubectl:
         out: dict[str, Any] = json.loads(self.ok(*args, "-o", "json"))
         return out
 
-    def ns(self, *args: str) -> str:
+    def ns(self, *args: str, timeout: float | None = None) -> str:
         """kubectl in the test namespace."""
-        return self.ok("-n", self.namespace, *args)
+        return self.ok("-n", self.namespace, *args, timeout=timeout)
 
     def ns_json(self, *args: str) -> dict[str, Any]:
         return self.json("-n", self.namespace, *args)

@@ -77,6 +77,17 @@ class Plane:
         return self.state / "audit.log"
 
     @property
+    def pod_prefix(self) -> str:
+        """The first two octets of the test kubelet's pod addresses: 10.244 where the pod CIDR is
+        routed locally, 127.0 where it could not be (EndpointSlices then refuse the addresses)."""
+        path = self.state / "pod-prefix"
+        return path.read_text().strip() if path.is_file() else "127.0"
+
+    @property
+    def routable_pods(self) -> bool:
+        return self.pod_prefix != "127.0"
+
+    @property
     def kubectl(self) -> str:
         return str(self.bin_dir / "kubectl")
 

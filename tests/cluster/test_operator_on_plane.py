@@ -68,6 +68,7 @@ def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tes
         images={"helios-operator": ["helios", "operator"], "helios-worker": None},
         env=env,
         workdir=scratch / "pods",
+        pod_prefix=plane.pod_prefix,
     )
     with kubelet:
         yield kubelet

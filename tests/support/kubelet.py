@@ -13,7 +13,10 @@ containers, no root networking); everything it talks to is real. What it does, a
   the container's own command, args and env (an image's entrypoint from `images` when the container
   sets no command); an image it cannot run gets the waiting reason ErrImagePull, then
   ImagePullBackOff, as a registry that lacks the image would;
-- gives every pod its own loopback address (127.0.N.x) as pod IP;
+- gives every pod its own address as pod IP: `pod_prefix`.N.x, where N is the node's subnet. The
+  API server refuses loopback addresses in EndpointSlices, so scripts/cluster.sh routes the pod
+  CIDR 10.244.0.0/16 locally on lo (as 127.0.0.0/8 is) and the plane's pods get 10.244.N.x; where
+  it cannot (no CAP_NET_ADMIN), 127.0.N.x;
 - asks for the pod's ServiceAccount token (a TokenRequest bound to the pod) and hands it to the
   processes as a KUBECONFIG file, the stand-in for the projected token volume: a pod acts with its
   ServiceAccount's RBAC, never with the test's credentials;
@@ -45,6 +48,7 @@ import os
 import shlex
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -114,7 +118,10 @@ class ApiCredentials:
 
     def client(self, timeout: float = 10.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.server, verify=self.ca_file, cert=self.cert, headers=headers, timeout=timeout)
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert is not None:
+            context.load_cert_chain(*self.cert)
+        return httpx.Client(base_url=self.server, verify=context, headers=headers, timeout=timeout)
 
 
 @dataclass
@@ -169,6 +176,8 @@ class Pod:
 class TestKubelet:
     """Registers `node` and runs its pods until `stop()`. Use as a context manager.
 
+    pod_prefix: the first two octets of pod and node addresses (Plane.pod_prefix: 10.244 or 127.0).
+
     images: image name patterns (fnmatch, on the name without registry or tag, e.g. `helios-worker`)
     the node can "pull", each with the entrypoint to run when a container sets no command (None:
     the container must set one). Any other image fails with ErrImagePull.
@@ -186,6 +195,7 @@ class TestKubelet:
         images: Mapping[str, Sequence[str] | None] | None = None,
         env: Mapping[str, str] | None = None,
         workdir: Path | None = None,
+        pod_prefix: str = "127.0",
     ) -> None:
         self.credentials = credentials
         self.node = node
@@ -200,8 +210,8 @@ class TestKubelet:
         self.env = dict(env if env is not None else os.environ)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"kubelet-{node}-"))
         subnet = next(_subnets)
-        self.node_ip = f"127.0.{subnet}.1"
-        self._free_ips = [f"127.0.{subnet}.{i}" for i in range(2, 255)]
+        self.node_ip = f"{pod_prefix}.{subnet}.1"
+        self._free_ips = [f"{pod_prefix}.{subnet}.{i}" for i in range(2, 255)]
         self.pods: dict[str, Pod] = {}
         self.renew_leases = True  # a test clears it to play a node that stops heartbeating
         self._stop = threading.Event()
