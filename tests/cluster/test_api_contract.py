@@ -97,7 +97,7 @@ def test_kubectl_get_hd_prints_the_crd_columns(kube: Kubectl, scaled: str) -> No
     assert header.split() == ["NAME", "PHASE", "CANDIDATE", "DEPTH", "REPLICAS", "READY", "AGE"]
     assert row.split()[:6] == [scaled, "Serving", "small", "6", "1", "1"]
     wide = kube.ns("get", "hd", scaled, "-o", "wide").strip().splitlines()[0].split()
-    assert wide[-3:] == ["AGE", "OBJECTIVE", "MODE"]
+    assert wide[-3:] == ["OBJECTIVE", "MODE", "AGE"]  # priority-1 columns, in the CRD's order
 
 
 def test_kubectl_scale_acts_through_the_scale_subresource(kube: Kubectl, scaled: str) -> None:
