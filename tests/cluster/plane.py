@@ -129,5 +129,13 @@ def up(timeout: float = 2400.0) -> Plane:
     return Plane(kubeconfig=kubeconfig, bin_dir=binaries(), state=kubeconfig.parent, started_here=not was_running)
 
 
+def api_server(plane: Plane) -> str:
+    """The API server's URL, from the admin kubeconfig."""
+    import yaml
+
+    config = yaml.safe_load(plane.kubeconfig.read_text())
+    return str(config["clusters"][0]["cluster"]["server"])
+
+
 def down() -> None:
     _script("down")

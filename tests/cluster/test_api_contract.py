@@ -8,6 +8,7 @@ as the operator would, and says so. Runs on every target (the project's plane or
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,6 +18,13 @@ from e2e_support import Kubectl, wait_for
 from helios_operator import names
 
 pytestmark = [pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def space(kube_factory: Callable[[str], Kubectl]) -> Kubectl:
+    """A namespace of this module's own (the session's namespace is the e2e suite's)."""
+    return kube_factory("helios-contract")
+
 
 SPEC: dict[str, Any] = {
     "candidates": [{"name": "small", "model": "/models/tiny", "layers": 8}],
@@ -34,8 +42,8 @@ def hd(namespace: str, name: str, spec: dict[str, Any] | None = None) -> dict[st
     }
 
 
-def create(kube: Kubectl, obj: dict[str, Any], *flags: str) -> Any:
-    return kube.run("create", *flags, "-f", "-", stdin=yaml.safe_dump(obj))
+def create(space: Kubectl, obj: dict[str, Any], *flags: str) -> Any:
+    return space.run("create", *flags, "-f", "-", stdin=yaml.safe_dump(obj))
 
 
 @pytest.mark.parametrize(
@@ -44,9 +52,9 @@ def create(kube: Kubectl, obj: dict[str, Any], *flags: str) -> Any:
     ids=["64 characters", "upper case", "starts with a digit", "a dot (a DNS-1123 subdomain)", "ends in '-'"],
 )
 def test_a_name_that_is_no_dns_1035_label_is_refused_with_the_rule_message(
-    kube: Kubectl, crd: dict[str, Any], name: str
+    space: Kubectl, crd: dict[str, Any], name: str
 ) -> None:
-    done = create(kube, hd(kube.namespace, name), "--dry-run=server")
+    done = create(space, hd(space.namespace, name), "--dry-run=server")
     assert done.returncode != 0, f"the API server accepted the name {name!r}"
     # Upper case and a trailing '-' are refused by the API server's own name check already
     # (DNS-1123 subdomain); the others pass it and only the CRD's root rule refuses them.
@@ -54,24 +62,26 @@ def test_a_name_that_is_no_dns_1035_label_is_refused_with_the_rule_message(
         assert NAME_MESSAGE in done.stderr, done.stderr
 
 
-def test_a_63_character_dns_1035_name_is_accepted(kube: Kubectl, crd: dict[str, Any]) -> None:
-    done = create(kube, hd(kube.namespace, "a" + "-b" * 31), "--dry-run=server")
+def test_a_63_character_dns_1035_name_is_accepted(space: Kubectl, crd: dict[str, Any]) -> None:
+    done = create(space, hd(space.namespace, "a" + "-b" * 31), "--dry-run=server")
     assert done.returncode == 0, done.stderr
 
 
-def test_strict_field_validation_refuses_an_unknown_field_by_name(kube: Kubectl, crd: dict[str, Any]) -> None:
-    obj = hd(kube.namespace, "strict", {**SPEC, "objetive": "latency"})
-    done = kube.run("apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=yaml.safe_dump(obj))
+def test_strict_field_validation_refuses_an_unknown_field_by_name(space: Kubectl, crd: dict[str, Any]) -> None:
+    obj = hd(space.namespace, "strict", {**SPEC, "objetive": "latency"})
+    done = space.run("apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=yaml.safe_dump(obj))
     assert done.returncode != 0 and 'unknown field "spec.objetive"' in done.stderr, done.stderr
     # ... where a client that does not ask for it gets the field silently dropped.
-    done = kube.run("apply", "--dry-run=server", "--validate=false", "-o", "json", "-f", "-", stdin=yaml.safe_dump(obj))
+    done = space.run(
+        "apply", "--dry-run=server", "--validate=false", "-o", "json", "-f", "-", stdin=yaml.safe_dump(obj)
+    )
     assert done.returncode == 0 and "objetive" not in json.loads(done.stdout)["spec"]
 
 
 @pytest.fixture(scope="module")
-def scaled(kube: Kubectl, crd: dict[str, Any]) -> str:
+def scaled(space: Kubectl, crd: dict[str, Any]) -> str:
     """A HeliosDeployment whose status the test writes as the operator would (no operator here)."""
-    kube.apply([hd(kube.namespace, "contract")])
+    space.apply([hd(space.namespace, "contract")])
     status = {
         "status": {
             "phase": "Serving",
@@ -81,30 +91,32 @@ def scaled(kube: Kubectl, crd: dict[str, Any]) -> str:
             "selector": f"{names.LABEL_DEPLOYMENT}=contract",
         }
     }
-    kube.ns("patch", "hd", "contract", "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    space.ns("patch", "hd", "contract", "--subresource=status", "--type=merge", "-p", json.dumps(status))
     return "contract"
 
 
-def test_status_is_a_subresource_the_main_resource_cannot_write(kube: Kubectl, scaled: str) -> None:
-    kube.ns("patch", "hd", scaled, "--type=merge", "-p", json.dumps({"status": {"phase": "Failed"}}))
-    got = kube.ns_json("get", "hd", scaled)
+def test_status_is_a_subresource_the_main_resource_cannot_write(space: Kubectl, scaled: str) -> None:
+    space.ns("patch", "hd", scaled, "--type=merge", "-p", json.dumps({"status": {"phase": "Failed"}}))
+    got = space.ns_json("get", "hd", scaled)
     assert got["status"]["phase"] == "Serving"  # the write to the main resource dropped status
     assert got["metadata"]["generation"] == 1  # and a status write does not bump the generation
 
 
-def test_kubectl_get_hd_prints_the_crd_columns(kube: Kubectl, scaled: str) -> None:
-    header, row = kube.ns("get", "hd", scaled).strip().splitlines()[:2]
+def test_kubectl_get_hd_prints_the_crd_columns(space: Kubectl, scaled: str) -> None:
+    header, row = space.ns("get", "hd", scaled).strip().splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "CANDIDATE", "DEPTH", "REPLICAS", "READY", "AGE"]
     assert row.split()[:6] == [scaled, "Serving", "small", "6", "1", "1"]
-    wide = kube.ns("get", "hd", scaled, "-o", "wide").strip().splitlines()[0].split()
+    wide = space.ns("get", "hd", scaled, "-o", "wide").strip().splitlines()[0].split()
     assert wide[-3:] == ["OBJECTIVE", "MODE", "AGE"]  # priority-1 columns, in the CRD's order
 
 
-def test_kubectl_scale_acts_through_the_scale_subresource(kube: Kubectl, scaled: str) -> None:
-    kube.ns("scale", f"hd/{scaled}", "--replicas=3")
-    assert kube.ns_json("get", "hd", scaled)["spec"]["replicas"] == 3
+def test_kubectl_scale_acts_through_the_scale_subresource(space: Kubectl, scaled: str) -> None:
+    space.ns("scale", f"hd/{scaled}", "--replicas=3")
+    assert space.ns_json("get", "hd", scaled)["spec"]["replicas"] == 3
     scale = json.loads(
-        kube.ok("get", "--raw", f"/apis/{names.API_VERSION}/namespaces/{kube.namespace}/{names.PLURAL}/{scaled}/scale")
+        space.ok(
+            "get", "--raw", f"/apis/{names.API_VERSION}/namespaces/{space.namespace}/{names.PLURAL}/{scaled}/scale"
+        )
     )
     assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
     assert scale["status"] == {"replicas": 1, "selector": f"{names.LABEL_DEPLOYMENT}=contract"}
@@ -129,18 +141,18 @@ def hpa(namespace: str, target: str) -> dict[str, Any]:
     }
 
 
-def hpa_conditions(kube: Kubectl, name: str) -> dict[str, dict[str, Any]]:
-    got = kube.ns_json("get", "hpa", name)
+def hpa_conditions(space: Kubectl, name: str) -> dict[str, dict[str, Any]]:
+    got = space.ns_json("get", "hpa", name)
     return {c["type"]: c for c in (got.get("status") or {}).get("conditions") or ()}
 
 
-def test_an_hpa_on_a_heliosdeployment_reads_its_scale_and_resolves_its_selector(kube: Kubectl, scaled: str) -> None:
+def test_an_hpa_on_a_heliosdeployment_reads_its_scale_and_resolves_its_selector(space: Kubectl, scaled: str) -> None:
     """The real HPA controller reads /scale (AbleToScale) and parses status.selector; what it then
     lacks is a metrics API (none is installed), not the selector."""
-    kube.apply([hpa(kube.namespace, scaled)])
+    space.apply([hpa(space.namespace, scaled)])
 
     def settled() -> dict[str, dict[str, Any]] | None:
-        conds = hpa_conditions(kube, scaled)
+        conds = hpa_conditions(space, scaled)
         return conds if "AbleToScale" in conds and "ScalingActive" in conds else None
 
     conds = wait_for("the HPA controller to read the scale", settled, timeout=90, interval=2)
@@ -149,12 +161,12 @@ def test_an_hpa_on_a_heliosdeployment_reads_its_scale_and_resolves_its_selector(
     assert "selector" not in conds["ScalingActive"]["message"].lower(), conds
 
 
-def test_an_hpa_on_a_heliosdeployment_without_status_selector_reports_it(kube: Kubectl, crd: dict[str, Any]) -> None:
+def test_an_hpa_on_a_heliosdeployment_without_status_selector_reports_it(space: Kubectl, crd: dict[str, Any]) -> None:
     """The counter-test: with no status.selector the same HPA cannot pick pods, and says so."""
-    kube.apply([hd(kube.namespace, "noselector"), hpa(kube.namespace, "noselector")])
+    space.apply([hd(space.namespace, "noselector"), hpa(space.namespace, "noselector")])
 
     def refused() -> dict[str, Any] | None:
-        cond = hpa_conditions(kube, "noselector").get("ScalingActive")
+        cond = hpa_conditions(space, "noselector").get("ScalingActive")
         return cond if cond and cond["status"] == "False" and cond["reason"] == "InvalidSelector" else None
 
     cond = wait_for("the HPA controller to report the missing selector", refused, timeout=90, interval=2)

@@ -2,9 +2,11 @@
 and both images, the trained tiny example profiled on live traffic and served, the scale subresource,
 a forced switch under traffic with no failed request, and garbage collection by ownerReferences.
 
-The CRD tests run on every target (the project's own plane too); the tests marked `images` need the
-images, cluster DNS and kube-proxy, so they run only with HELIOS_E2E=1 and a reachable cluster
-(conftest.py says why it skips); how to set one up with kind or k3d is in docs/cluster-testing.md.
+Runs on every target (conftest.py says why it skips where none is): on the project's own plane the
+operator and worker pods run through the test kubelet (`helios operator`, `helios worker` with the
+pods' own args, models from a hostPath volume) and Prometheus is a local process that discovers the
+workers through kubernetes_sd_configs against that API server; on a cluster of HELIOS_E2E=1 the
+images run (how to set one up with kind or k3d is in docs/cluster-testing.md).
 The tests run in file order and build on each other's state (one namespace, one release, one
 HeliosDeployment), as a person would.
 """
@@ -20,7 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for
+from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for, worker_scrape_job
+from tests.support.kubelet import TestKubelet
 
 from helios_operator import names
 
@@ -95,7 +98,14 @@ def serving(kube: Kubectl, not_candidate: str | None = None) -> dict[str, Any] |
 
 
 @pytest.fixture(scope="module")
-def tiny(kube: Kubectl, e2e: E2EConfig, operator_release: str, model_claim: str, api_proxy: str) -> dict[str, Any]:
+def tiny(
+    kube: Kubectl,
+    e2e: E2EConfig,
+    operator_release: str,
+    model_claim: str,
+    api_proxy: str,
+    ops_node: TestKubelet | None,
+) -> dict[str, Any]:
     """The example applied with kubectl; its status once profiling on live traffic chose and it serves."""
     kube.apply([example(kube, model_claim)])
     url = f"{api_proxy}/api/v1/namespaces/{kube.namespace}/services/{HD}:{names.WORKER_PORT_NAME}/proxy/v1/completions"
@@ -105,7 +115,7 @@ def tiny(kube: Kubectl, e2e: E2EConfig, operator_release: str, model_claim: str,
         try:
             st = wait_for("the example to serve", lambda: serving(kube), timeout=e2e.timeout_s, interval=3)
         except AssertionError as err:
-            raise AssertionError(f"{err}\nrequests: {warmup.outcomes}\n{operator_logs(kube)}") from err
+            raise AssertionError(f"{err}\nrequests: {warmup.outcomes}\n{operator_logs(kube, ops_node)}") from err
     assert warmup.ok >= 2 * 3, f"profiling finished on fewer requests than 3 per candidate: {warmup.outcomes}"
     return {"status": st, "url": url}
 
@@ -117,6 +127,20 @@ def test_the_crd_is_established_with_its_short_name_scale_subresource_and_printe
     version = next(v for v in crd["spec"]["versions"] if v["name"] == names.VERSION)
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == ["Phase", "Candidate", "Depth"]
+
+
+def test_the_scrape_job_relabels_workers_as_the_operators_service_monitor_declares() -> None:
+    """The suite's Prometheus (kubernetes_sd_configs) and the ServiceMonitor the operator creates
+    where the Prometheus Operator runs must give the series the same `worker` and `namespace`."""
+    from helios_operator import resources
+
+    monitor = resources.service_monitor(HD, "ns")["spec"]["endpoints"][0]
+    job = worker_scrape_job("ns")
+    ours = {r["target_label"]: r["source_labels"] for r in job["relabel_configs"] if "target_label" in r}
+    theirs = {r["targetLabel"]: r["sourceLabels"] for r in monitor["relabelings"] if "targetLabel" in r}
+    assert theirs and all(ours.get(label) == sources for label, sources in theirs.items()), (ours, theirs)
+    kept = [r for r in job["relabel_configs"] if r.get("action") == "keep" and "port_name" in r["source_labels"][0]]
+    assert [r["regex"] for r in kept] == [monitor["port"]] == [names.WORKER_PORT_NAME]
 
 
 def test_the_api_server_accepts_the_good_spec_and_every_example(kube: Kubectl, crd: dict[str, Any]) -> None:
@@ -145,7 +169,6 @@ def test_the_api_server_rejects_the_bad_object(kube: Kubectl, crd: dict[str, Any
         assert leaf in message, f"expected the field {leaf!r} named in: {message}"
 
 
-@pytest.mark.images
 def test_the_chart_installs_an_operator_that_runs_from_the_image(
     kube: Kubectl, e2e: E2EConfig, operator_release: str
 ) -> None:
@@ -158,7 +181,6 @@ def test_the_chart_installs_an_operator_that_runs_from_the_image(
     assert env.get("HELIOS_NAMESPACES") == kube.namespace
 
 
-@pytest.mark.images
 def test_the_tiny_example_profiles_on_live_traffic_and_serves(kube: Kubectl, tiny: dict[str, Any]) -> None:
     st = tiny["status"]
     assert st["decisions"][0]["trigger"] == "profiling" and st["decisions"][0]["applied"] is True
@@ -176,7 +198,6 @@ def test_the_tiny_example_profiles_on_live_traffic_and_serves(kube: Kubectl, tin
     assert row.split()[:6] == [HD, "Serving", st["active"]["candidate"], str(st["active"]["depth"]), "1", "1"]
 
 
-@pytest.mark.images
 def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
 ) -> None:
@@ -193,7 +214,6 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
 
 
-@pytest.mark.images
 def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
     """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
     other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
@@ -221,12 +241,11 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
     assert {"CandidateRemoved", "SwitchStarted", "Switched"} <= reasons, reasons
 
 
-@pytest.mark.images
 def test_deleting_the_heliosdeployment_garbage_collects_its_children(
     kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any], operator_release: str
 ) -> None:
-    """With the operator stopped and its finalizer removed, only the API server's garbage collector
-    can remove the children: this proves their ownerReferences, which kmock cannot."""
+    """With the operator stopped, nothing holds the deletion (the operator keeps no finalizer) and only
+    the API server's garbage collector can remove the children: this proves their ownerReferences."""
     uid = kube.ns_json("get", "hd", HD)["metadata"]["uid"]
     owned = children(kube)
     assert {o["kind"] for o in owned} == {"Deployment", "Service"}
@@ -241,8 +260,8 @@ def test_deleting_the_heliosdeployment_garbage_collects_its_children(
         timeout=120,
     )
     try:
+        assert not kube.ns_json("get", "hd", HD)["metadata"].get("finalizers"), "the operator keeps no finalizer"
         kube.ns("delete", "hd", HD, "--wait=false")
-        kube.ns("patch", "hd", HD, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
         wait_for("the HeliosDeployment gone", lambda: kube.ns_json("get", "hd")["items"] == [], timeout=60)
         wait_for("its children garbage-collected", lambda: children(kube) == [], timeout=e2e.timeout_s)
     finally:

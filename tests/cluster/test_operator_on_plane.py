@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,13 @@ from tests.support.kubelet import ApiCredentials, TestKubelet
 from helios_operator import names
 
 pytestmark = [pytest.mark.own_plane, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def space(kube_factory: Callable[[str], Kubectl]) -> Kubectl:
+    """A namespace of this module's own (the session's namespace is the e2e suite's)."""
+    return kube_factory("helios-rbac")
+
 
 RELEASE = "helios"
 OPERATOR = "helios-operator"  # fullnameOverride: the Deployment and the ServiceAccount
@@ -80,12 +87,12 @@ def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tes
 
 
 @pytest.fixture(scope="module")
-def release(plane: Plane, kube: Kubectl, crd: dict[str, Any], node: TestKubelet) -> Iterator[str]:
+def release(plane: Plane, space: Kubectl, crd: dict[str, Any], node: TestKubelet) -> Iterator[str]:
     """`helm install` of charts/helios watching the test namespace; waits for the operator Ready."""
     values = {
         "fullnameOverride": OPERATOR,
         "image": {"repository": "helios-operator", "tag": "test"},
-        "watchNamespaces": [kube.namespace],
+        "watchNamespaces": [space.namespace],
         "operator": {
             "workerImage": "helios-worker:test",
             "prometheusUrl": "http://127.0.0.1:9",  # none: the operator reports MetricsAvailable=False
@@ -100,44 +107,44 @@ def release(plane: Plane, kube: Kubectl, crd: dict[str, Any], node: TestKubelet)
     done = helm(
         plane,
         "install", RELEASE, str(REPO / "charts" / "helios"),
-        "--namespace", kube.namespace, "-f", str(values_file), "--wait", "--timeout", "180s",
+        "--namespace", space.namespace, "-f", str(values_file), "--wait", "--timeout", "180s",
     )  # fmt: skip
     assert done.returncode == 0, f"helm install failed: {done.stderr}\n{node.describe()}"
     yield OPERATOR
-    helm(plane, "uninstall", RELEASE, "--namespace", kube.namespace, "--wait", "--timeout", "60s")
+    helm(plane, "uninstall", RELEASE, "--namespace", space.namespace, "--wait", "--timeout", "60s")
 
 
-def operator_user(kube: Kubectl) -> str:
-    return f"system:serviceaccount:{kube.namespace}:{OPERATOR}"
+def operator_user(space: Kubectl) -> str:
+    return f"system:serviceaccount:{space.namespace}:{OPERATOR}"
 
 
 def triples(rules: list[dict[str, Any]]) -> set[Triple]:
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
-def operator_requests(plane: Plane, kube: Kubectl) -> list[dict[str, Any]]:
-    user = operator_user(kube)
+def operator_requests(plane: Plane, space: Kubectl) -> list[dict[str, Any]]:
+    user = operator_user(space)
     return [e for e in plane.audit_events() if e["user"]["username"] == user and "objectRef" in e]
 
 
-def children(kube: Kubectl) -> list[dict[str, Any]]:
-    return list(kube.ns_json("get", "deployments,services", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"])
+def children(space: Kubectl) -> list[dict[str, Any]]:
+    return list(space.ns_json("get", "deployments,services", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"])
 
 
 def test_helm_installs_the_chart_and_its_operator_runs_as_the_charts_service_account(
-    plane: Plane, kube: Kubectl, release: str, node: TestKubelet
+    plane: Plane, space: Kubectl, release: str, node: TestKubelet
 ) -> None:
-    (pod,) = kube.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+    (pod,) = space.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
     assert pod["spec"]["serviceAccountName"] == OPERATOR and pod["spec"]["nodeName"] == "node-ops"
     assert pod["status"]["phase"] == "Running"
-    listing = helm(plane, "list", "--namespace", kube.namespace, "-o", "json")
+    listing = helm(plane, "list", "--namespace", space.namespace, "-o", "json")
     assert [(r["name"], r["status"]) for r in json.loads(listing.stdout)] == [(RELEASE, "deployed")]
     # kopf's first requests (namespaces, CRDs, its watches) come from the ServiceAccount.
-    wait_for("the operator's requests in the audit log", lambda: operator_requests(plane, kube), timeout=60)
+    wait_for("the operator's requests in the audit log", lambda: operator_requests(plane, space), timeout=60)
 
 
 @pytest.fixture(scope="module")
-def hd(kube: Kubectl, release: str) -> dict[str, Any]:
+def hd(space: Kubectl, release: str) -> dict[str, Any]:
     spec = {
         "candidates": [
             {"name": "small", "model": "/models/helios-tiny", "layers": 6},
@@ -146,13 +153,13 @@ def hd(kube: Kubectl, release: str) -> dict[str, Any]:
         "worker": {"resources": {"requests": {"cpu": "100m"}}},
     }
     obj = {"apiVersion": names.API_VERSION, "kind": names.KIND,
-           "metadata": {"name": HD, "namespace": kube.namespace}, "spec": spec}  # fmt: skip
-    kube.apply([obj])
-    return kube.ns_json("get", "hd", HD)
+           "metadata": {"name": HD, "namespace": space.namespace}, "spec": spec}  # fmt: skip
+    space.apply([obj])
+    return space.ns_json("get", "hd", HD)
 
 
 def test_children_carry_owner_references_that_the_admission_plugin_allowed(
-    kube: Kubectl, hd: dict[str, Any], node: TestKubelet
+    space: Kubectl, hd: dict[str, Any], node: TestKubelet
 ) -> None:
     """The plane runs OwnerReferencesPermissionEnforcement: a child with blockOwnerDeletion is created
     only by a user who may update the owner's finalizers, so these children prove that grant."""
@@ -160,26 +167,26 @@ def test_children_carry_owner_references_that_the_admission_plugin_allowed(
     try:
         owned = wait_for(
             "the profiling workers and the Services",
-            lambda: (c := children(kube)) and {o["kind"] for o in c} == {"Deployment", "Service"} and c,
+            lambda: (c := children(space)) and {o["kind"] for o in c} == {"Deployment", "Service"} and c,
             timeout=120,
             interval=1,
         )
     except TimeoutError as err:  # say what the operator met (a 403 from the admission plugin, say)
-        conditions = (kube.ns_json("get", "hd", HD).get("status") or {}).get("conditions")
+        conditions = (space.ns_json("get", "hd", HD).get("status") or {}).get("conditions")
         raise AssertionError(f"{err}\nstatus conditions: {conditions}") from err
     for obj in owned:
         refs = obj["metadata"]["ownerReferences"]
         assert [(r["kind"], r["uid"], r["controller"], r["blockOwnerDeletion"]) for r in refs] == [
             (names.KIND, uid, True, True)
         ], obj["metadata"]
-    assert not kube.ns_json("get", "hd", HD)["metadata"].get("finalizers"), "the operator keeps no finalizer"
+    assert not space.ns_json("get", "hd", HD)["metadata"].get("finalizers"), "the operator keeps no finalizer"
 
 
 def test_the_operator_reports_the_failing_workers_through_the_status_subresource(
-    kube: Kubectl, hd: dict[str, Any], node: TestKubelet
+    space: Kubectl, hd: dict[str, Any], node: TestKubelet
 ) -> None:
     def degraded() -> dict[str, Any] | None:
-        st = kube.ns_json("get", "hd", HD).get("status") or {}
+        st = space.ns_json("get", "hd", HD).get("status") or {}
         cond = {c["type"]: c for c in st.get("conditions") or ()}.get("Degraded")
         return cond if cond and cond["status"] == "True" and cond["reason"] == "WorkerFailed" else None
 
@@ -188,16 +195,16 @@ def test_the_operator_reports_the_failing_workers_through_the_status_subresource
 
 
 def test_the_audit_log_shows_no_refused_request_and_no_unused_rule(
-    plane: Plane, kube: Kubectl, hd: dict[str, Any], node: TestKubelet
+    plane: Plane, space: Kubectl, hd: dict[str, Any], node: TestKubelet
 ) -> None:
     """Every request the operator's ServiceAccount made was allowed, and every rule of the chart was
     used by one (or is listed in NOT_REQUESTED with why)."""
 
     def status_written() -> bool:
-        return any(e["objectRef"].get("subresource") == "status" for e in operator_requests(plane, kube))
+        return any(e["objectRef"].get("subresource") == "status" for e in operator_requests(plane, space))
 
     wait_for("status writes in the audit log", status_written, timeout=120)
-    events = operator_requests(plane, kube)
+    events = operator_requests(plane, space)
     refused = sorted({(e["verb"], e["requestURI"]) for e in events if e["responseStatus"]["code"] == 403})
     assert refused == [], f"the chart's RBAC refused: {refused}"
     used = set()
@@ -213,7 +220,7 @@ def test_the_audit_log_shows_no_refused_request_and_no_unused_rule(
 
 
 def test_a_status_write_that_loses_a_resource_version_race_is_refused_and_retried_from_the_fresh_object(
-    plane: Plane, kube: Kubectl, hd: dict[str, Any]
+    plane: Plane, space: Kubectl, hd: dict[str, Any]
 ) -> None:
     """The operator's platform, as the admin, against the real server: a write conditioned on an old
     resourceVersion gets 409 Conflict instead of overwriting the newer status."""
@@ -224,40 +231,40 @@ def test_a_status_write_that_loses_a_resource_version_race_is_refused_and_retrie
     client_config = client.Configuration()
     config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=client_config)  # type: ignore[no-untyped-call]
     platform = KubernetesPlatform(KubeApi(client_config))
-    stale = kube.ns_json("get", "hd", HD)
-    owner = Owner(namespace=kube.namespace, name=HD, uid=stale["metadata"]["uid"])
+    stale = space.ns_json("get", "hd", HD)
+    owner = Owner(namespace=space.namespace, name=HD, uid=stale["metadata"]["uid"])
     old_version = stale["metadata"]["resourceVersion"]
-    kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))  # another writer
+    space.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))  # another writer
     with pytest.raises(KubeApiError) as refused:
         platform.patch_status(owner, {**(stale.get("status") or {}), "phase": "Serving"}, old_version)
     assert refused.value.status == 409
-    assert (kube.ns_json("get", "hd", HD).get("status") or {}).get("phase") != "Serving"
+    assert (space.ns_json("get", "hd", HD).get("status") or {}).get("phase") != "Serving"
     fresh = platform.get_owner(owner)
     assert fresh is not None and fresh["metadata"]["resourceVersion"] != old_version
     platform.patch_status(owner, fresh.get("status") or {}, fresh["metadata"]["resourceVersion"])
 
 
 def test_with_the_operator_stopped_deletion_is_not_blocked_and_garbage_collection_removes_the_children(
-    kube: Kubectl, hd: dict[str, Any], release: str, node: TestKubelet
+    space: Kubectl, hd: dict[str, Any], release: str, node: TestKubelet
 ) -> None:
-    assert children(kube), "the children exist before the deletion"
-    kube.ns("scale", f"deployment/{release}", "--replicas=0")
+    assert children(space), "the children exist before the deletion"
+    space.ns("scale", f"deployment/{release}", "--replicas=0")
     wait_for(
         "the operator pod gone",
-        lambda: not kube.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"],
+        lambda: not space.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"],
         timeout=120,
         interval=1,
     )
     try:
-        kube.ns("delete", "hd", HD, "--wait=true", "--timeout=30s", timeout=40)  # no finalizer to wait for
-        wait_for("the children garbage-collected", lambda: children(kube) == [], timeout=120, interval=1)
-        pods = kube.ns_json("get", "pods", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"]
+        space.ns("delete", "hd", HD, "--wait=true", "--timeout=30s", timeout=40)  # no finalizer to wait for
+        wait_for("the children garbage-collected", lambda: children(space) == [], timeout=120, interval=1)
+        pods = space.ns_json("get", "pods", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"]
         wait_for(
             "the worker pods gone",
-            lambda: not kube.ns_json("get", "pods", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"],
+            lambda: not space.ns_json("get", "pods", "-l", f"{names.LABEL_DEPLOYMENT}={HD}")["items"],
             timeout=120,
             interval=1,
         )
         del pods
     finally:
-        kube.ns("scale", f"deployment/{release}", "--replicas=1")
+        space.ns("scale", f"deployment/{release}", "--replicas=1")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -23,6 +23,13 @@ from plane import Plane
 from tests.support.kubelet import ApiCredentials, TestKubelet
 
 pytestmark = [pytest.mark.own_plane, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def space(kube_factory: Callable[[str], Kubectl]) -> Kubectl:
+    """A namespace of this module's own (the session's namespace is the e2e suite's)."""
+    return kube_factory("helios-nodes")
+
 
 # A tiny web server with a readiness endpoint, a preStop target and a crash switch.
 SERVER = textwrap.dedent(
@@ -86,18 +93,18 @@ def kubelets(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         kubelet.stop()
 
 
-def pods(kube: Kubectl, selector: str) -> list[dict[str, Any]]:
-    return list(kube.ns_json("get", "pods", "-l", selector)["items"])
+def pods(space: Kubectl, selector: str) -> list[dict[str, Any]]:
+    return list(space.ns_json("get", "pods", "-l", selector)["items"])
 
 
-def deployment(kube: Kubectl, name: str, replicas: int, pod_spec: dict[str, Any]) -> None:
+def deployment(space: Kubectl, name: str, replicas: int, pod_spec: dict[str, Any]) -> None:
     labels = {"app": name}
-    kube.apply(
+    space.apply(
         [
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": name, "namespace": kube.namespace},
+                "metadata": {"name": name, "namespace": space.namespace},
                 "spec": {
                     "replicas": replicas,
                     "selector": {"matchLabels": labels},
@@ -107,35 +114,35 @@ def deployment(kube: Kubectl, name: str, replicas: int, pod_spec: dict[str, Any]
             {
                 "apiVersion": "v1",
                 "kind": "Service",
-                "metadata": {"name": name, "namespace": kube.namespace},
+                "metadata": {"name": name, "namespace": space.namespace},
                 "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
             },
         ]
     )
 
 
-def test_the_control_plane_is_the_real_one_at_the_release_it_was_built_from(kube: Kubectl) -> None:
-    version = json.loads(kube.ok("version", "-o", "json"))
+def test_the_control_plane_is_the_real_one_at_the_release_it_was_built_from(space: Kubectl) -> None:
+    version = json.loads(space.ok("version", "-o", "json"))
     assert version["serverVersion"]["gitVersion"] == "v1.37.2"
     assert version["clientVersion"]["gitVersion"] == "v1.37.2"
-    assert kube.ok("get", "--raw", "/readyz") == "ok"
+    assert space.ok("get", "--raw", "/readyz") == "ok"
     # RBAC is on: an unknown ServiceAccount may do nothing.
-    denied = kube.run("auth", "can-i", "list", "pods", "--as=system:serviceaccount:default:nobody")
+    denied = space.run("auth", "can-i", "list", "pods", "--as=system:serviceaccount:default:nobody")
     assert denied.stdout.strip() == "no"
 
 
 def test_test_nodes_register_and_the_node_lifecycle_controller_keeps_them_ready(
-    kube: Kubectl, kubelets: list[TestKubelet]
+    space: Kubectl, kubelets: list[TestKubelet]
 ) -> None:
     def ready_without_taints() -> dict[str, Any] | None:
-        node = kube.json("get", "node", "node-gpu")
+        node = space.json("get", "node", "node-gpu")
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}.get("Ready")
         return node if ready == "True" and not node["spec"].get("taints") else None
 
     # The real node-lifecycle controller removes the not-ready taint once it sees Ready.
     node = wait_for("node-gpu Ready and untainted", ready_without_taints, timeout=60, interval=1)
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "2"
-    lease = kube.json("get", "lease", "-n", "kube-node-lease", "node-gpu")
+    lease = space.json("get", "lease", "-n", "space-node-lease", "node-gpu")
     assert lease["spec"]["holderIdentity"] == "node-gpu"
     # NodeRestriction: a node may not touch another node.
     other = kubelets[1]
@@ -148,16 +155,16 @@ def test_test_nodes_register_and_the_node_lifecycle_controller_keeps_them_ready(
 
 
 def test_a_deployment_runs_ready_pods_that_endpoint_slices_list_and_that_answer_on_their_pod_ip(
-    plane: Plane, kube: Kubectl, kubelets: list[TestKubelet]
+    plane: Plane, space: Kubectl, kubelets: list[TestKubelet]
 ) -> None:
     if not plane.routable_pods:
         pytest.skip(
             "pods have loopback addresses here (no CAP_NET_ADMIN to route 10.244.0.0/16): "
             "the API server refuses them in EndpointSlices"
         )
-    deployment(kube, "web", 2, server_pod("web"))
-    kube.ns("rollout", "status", "deployment/web", "--timeout=90s", timeout=100)
-    running = pods(kube, "app=web")
+    deployment(space, "web", 2, server_pod("web"))
+    space.ns("rollout", "status", "deployment/web", "--timeout=90s", timeout=100)
+    running = pods(space, "app=web")
     ips = sorted(p["status"]["podIP"] for p in running)
     assert len(set(ips)) == 2 and all(ip.startswith(plane.pod_prefix + ".") for ip in ips)
     for p in running:
@@ -165,7 +172,7 @@ def test_a_deployment_runs_ready_pods_that_endpoint_slices_list_and_that_answer_
         assert answer.text == p["metadata"]["name"]  # the pod's own process, on its own address
 
     def slice_ips() -> list[str] | None:
-        slices = kube.ns_json("get", "endpointslices", "-l", "kubernetes.io/service-name=web")["items"]
+        slices = space.ns_json("get", "endpointslices", "-l", "kubernetes.io/service-name=web")["items"]
         ready = sorted(
             a
             for s in slices
@@ -179,16 +186,16 @@ def test_a_deployment_runs_ready_pods_that_endpoint_slices_list_and_that_answer_
 
 
 def test_a_pod_asking_for_more_gpus_than_any_node_has_stays_pending_and_one_that_fits_lands_on_the_gpu_node(
-    kube: Kubectl, kubelets: list[TestKubelet]
+    space: Kubectl, kubelets: list[TestKubelet]
 ) -> None:
     gpus = {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}}
-    deployment(kube, "gpu-one", 1, server_pod("gpu-one", resources=gpus))
-    deployment(kube, "gpu-three", 1, server_pod("gpu-three", resources={"limits": {"nvidia.com/gpu": "3"}}))
-    kube.ns("rollout", "status", "deployment/gpu-one", "--timeout=90s", timeout=100)
-    assert [p["spec"]["nodeName"] for p in pods(kube, "app=gpu-one")] == ["node-gpu"]
+    deployment(space, "gpu-one", 1, server_pod("gpu-one", resources=gpus))
+    deployment(space, "gpu-three", 1, server_pod("gpu-three", resources={"limits": {"nvidia.com/gpu": "3"}}))
+    space.ns("rollout", "status", "deployment/gpu-one", "--timeout=90s", timeout=100)
+    assert [p["spec"]["nodeName"] for p in pods(space, "app=gpu-one")] == ["node-gpu"]
 
     def unschedulable() -> str | None:
-        (pod,) = pods(kube, "app=gpu-three")
+        (pod,) = pods(space, "app=gpu-three")
         cond = {c["type"]: c for c in pod["status"].get("conditions") or ()}.get("PodScheduled")
         return cond["message"] if cond and cond.get("reason") == "Unschedulable" else None
 
@@ -196,25 +203,25 @@ def test_a_pod_asking_for_more_gpus_than_any_node_has_stays_pending_and_one_that
     assert "nvidia.com/gpu" in message
 
 
-def test_an_image_the_node_cannot_run_waits_in_image_pull_back_off(kube: Kubectl, kubelets: list[TestKubelet]) -> None:
+def test_an_image_the_node_cannot_run_waits_in_image_pull_back_off(space: Kubectl, kubelets: list[TestKubelet]) -> None:
     spec = server_pod("nope")
     spec["containers"][0]["image"] = "registry.invalid/not-here:1"
-    deployment(kube, "nope", 1, spec)
+    deployment(space, "nope", 1, spec)
 
     def waiting() -> str | None:
-        items = pods(kube, "app=nope")
+        items = pods(space, "app=nope")
         statuses = items[0]["status"].get("containerStatuses") if items else None
         reason = statuses[0]["state"].get("waiting", {}).get("reason") if statuses else None
         return reason if reason == "ImagePullBackOff" else None
 
     wait_for("ImagePullBackOff", waiting, timeout=60, interval=1)
-    (pod,) = pods(kube, "app=nope")
+    (pod,) = pods(space, "app=nope")
     assert pod["status"]["phase"] == "Pending"
     assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "False"
 
 
 def test_a_crashing_container_is_restarted_with_its_exit_code_and_message_reported(
-    kube: Kubectl, kubelets: list[TestKubelet]
+    space: Kubectl, kubelets: list[TestKubelet]
 ) -> None:
     crash = {
         "command": ["python3", "-c", "import sys; print('helios worker: error: no model'); sys.exit(3)"],
@@ -224,10 +231,10 @@ def test_a_crashing_container_is_restarted_with_its_exit_code_and_message_report
     }
     spec = server_pod("crash", **crash)
     del spec["containers"][0]["readinessProbe"]
-    deployment(kube, "crash", 1, spec)
+    deployment(space, "crash", 1, spec)
 
     def restarted() -> dict[str, Any] | None:
-        items = pods(kube, "app=crash")
+        items = pods(space, "app=crash")
         statuses = items[0]["status"].get("containerStatuses") if items else None
         return statuses[0] if statuses and statuses[0]["restartCount"] >= 2 else None
 
@@ -238,7 +245,7 @@ def test_a_crashing_container_is_restarted_with_its_exit_code_and_message_report
 
 
 def test_deleting_a_pod_runs_pre_stop_then_sigterm_and_the_replica_set_replaces_it(
-    kube: Kubectl, kubelets: list[TestKubelet], tmp_path_factory: pytest.TempPathFactory
+    space: Kubectl, kubelets: list[TestKubelet], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     marker = tmp_path_factory.mktemp("marker") / "events"
     spec = server_pod(
@@ -246,13 +253,13 @@ def test_deleting_a_pod_runs_pre_stop_then_sigterm_and_the_replica_set_replaces_
         env=[{"name": "MARKER", "value": str(marker)}],
         lifecycle={"preStop": {"httpGet": {"path": "/prestop", "port": "http"}}},
     )
-    deployment(kube, "stop", 1, spec)
-    kube.ns("rollout", "status", "deployment/stop", "--timeout=90s", timeout=100)
-    (first,) = pods(kube, "app=stop")
+    deployment(space, "stop", 1, spec)
+    space.ns("rollout", "status", "deployment/stop", "--timeout=90s", timeout=100)
+    (first,) = pods(space, "app=stop")
     started = time.monotonic()
-    kube.ns("delete", "pod", first["metadata"]["name"], "--wait=true", "--timeout=60s", timeout=70)
+    space.ns("delete", "pod", first["metadata"]["name"], "--wait=true", "--timeout=60s", timeout=70)
     assert time.monotonic() - started < 30, "the process stopped on SIGTERM, well inside its grace period"
     assert marker.read_text().splitlines() == ["prestop", "sigterm"]
-    kube.ns("rollout", "status", "deployment/stop", "--timeout=90s", timeout=100)
-    (second,) = pods(kube, "app=stop")
+    space.ns("rollout", "status", "deployment/stop", "--timeout=90s", timeout=100)
+    (second,) = pods(space, "app=stop")
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
