@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane on loopback, built from Go modules (no containers, no kubelet).
 #
-#   bash scripts/cluster.sh build   build the binaries once per machine (cached by versions)
+#   bash scripts/cluster.sh build   build the binaries once per machine (cached by versions):
+#                                   etcd, kube-*, kubectl, helm and prometheus (with kubernetes_sd)
 #   bash scripts/cluster.sh up      start etcd, kube-apiserver, kube-controller-manager and
 #                                   kube-scheduler (or reuse a running plane); prints the admin
 #                                   kubeconfig path
@@ -19,11 +20,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 K8S_VERSION="v1.37.2"
 ETCD_VERSION="v3.6.16"
 HELM_VERSION="v3.22.0"
-KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
+PROMETHEUS_VERSION="v3.16.0" # module github.com/prometheus/prometheus v0.316.0
+KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_prometheus-${PROMETHEUS_VERSION}"
 CACHE="${HELIOS_CLUSTER_CACHE:-${HOME}/.cache/helios/cluster}/${KEY}"
 BIN="${CACHE}/bin"
 STATE="${HELIOS_CLUSTER_DIR:-${ROOT}/.helios/cluster}"
-BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm)
+BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm prometheus)
 
 # Loopback ports; override when another plane already holds them.
 ETCD_CLIENT_PORT="${HELIOS_ETCD_PORT:-32379}"
@@ -54,7 +56,7 @@ gobuild() {
   local dir="$1" out="$2" pkg="$3" ldflags="$4"
   log "building ${out##*/} from ${pkg}"
   (cd "${ROOT}/cluster/${dir}" &&
-    CGO_ENABLED=0 nice -n 10 go build -p "${HELIOS_BUILD_JOBS:-2}" -trimpath \
+    CGO_ENABLED=0 nice -n 10 go build -p "${HELIOS_BUILD_JOBS:-2}" -trimpath -tags "${HELIOS_BUILD_TAGS:-}" \
       -ldflags="-s -w ${ldflags}" -o "${out}.tmp" "${pkg}")
   mv "${out}.tmp" "${out}"
 }
@@ -83,6 +85,12 @@ cmd_build() {
     hmin="$(sed -n 's/^\s*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "${ROOT}/cluster/helm/go.mod")"
     gobuild helm "${BIN}/helm" helm.sh/helm/v3/cmd/helm \
       "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${hmin} -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${hmin}"
+  fi
+  # Debian's prometheus leaves kubernetes_sd_configs out; this one has only that discovery.
+  if [[ ! -x "${BIN}/prometheus" ]]; then
+    HELIOS_BUILD_TAGS="remove_all_sd,enable_kubernetes_sd" gobuild prometheus "${BIN}/prometheus" \
+      github.com/prometheus/prometheus/cmd/prometheus \
+      "-X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v} -X github.com/prometheus/common/version.Branch=HEAD"
   fi
   log "built in $((SECONDS - start)) s into ${BIN}"
 }

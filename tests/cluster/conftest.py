@@ -236,8 +236,9 @@ def prometheus_url(
     """HELIOS_E2E_PROMETHEUS_URL, or a Prometheus of our own that discovers the worker pods through
     kubernetes_sd_configs, scrapes them every few seconds and labels their series `worker` and
     `namespace` as the chart's ServiceMonitor does. On an external cluster it runs in the namespace;
-    on the project's plane it is the Debian package's server, as a local process that asks this API
-    server for pods with a ServiceAccount token (no pod: it needs in-cluster DNS and a token volume)."""
+    on the project's plane it is a local process (the plane's own build: Debian's package has no
+    kubernetes_sd_configs) that asks this API server for pods with a ServiceAccount token (no pod:
+    it would need cluster DNS and a token volume)."""
     if e2e.prometheus_url:
         yield e2e.prometheus_url
         return
@@ -256,6 +257,7 @@ def prometheus_url(
     server = LocalPrometheus(
         directory,
         local_prometheus_config(kube.namespace, own.api_server(plane), str(plane.state / "pki" / "ca.crt"), str(token)),
+        binary=str(plane.bin_dir / "prometheus"),
     )
     server.start()
     try:

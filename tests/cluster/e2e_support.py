@@ -174,10 +174,11 @@ ROLE_KINDS = ("ServiceAccount", "Role", "RoleBinding")
 
 
 class LocalPrometheus(PrometheusServer):
-    """The Debian package's Prometheus as a local process, with a configuration of our own."""
+    """Prometheus as a local process with a configuration of our own: the plane's build
+    (scripts/cluster.sh), since the Debian package leaves kubernetes_sd_configs out."""
 
-    def __init__(self, directory: Path, config: dict[str, Any]) -> None:
-        super().__init__([], directory, scrape_interval="2s")
+    def __init__(self, directory: Path, config: dict[str, Any], binary: str) -> None:
+        super().__init__([], directory, scrape_interval="2s", binary=binary)
         self.config_path.write_text(yaml.safe_dump(config))
 
 

@@ -43,7 +43,7 @@ def built() -> bool:
     bin_dir = binaries()
     return all(
         (bin_dir / b).is_file()
-        for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
+        for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "prometheus")
     )
 
 
