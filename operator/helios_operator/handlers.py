@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from typing import Any
 
 import kopf
@@ -31,17 +33,65 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = configured or load_settings([], os.environ)
     logging.getLogger("helios_operator").setLevel(ours.log_level)
     _configure_kubernetes_client()
+    if ours.leader_election_lease:
+        # kopf runs no handler until every startup handler returns: wait here until we lead.
+        memo.leader = await _lead(ours.leader_election_lease)
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
     memo.controller = controller.make_controller(ours, telemetry_provider)
     memo.metrics_server = operator_metrics.serve(ours.metrics_port, ours.metrics_host)
 
 
+async def _lead(lease_name: str) -> asyncio.Task[None]:
+    """Take the Lease (waiting while another operator holds it), then keep renewing it in a task
+    that stops this operator (SIGTERM) once it can no longer renew within the lease's duration."""
+    from helios_operator import leader
+    from helios_operator.platforms.kubernetes import KubeApi
+
+    namespace, name = leader.parse_lease(lease_name)
+    lock = leader.LeaseLock(KubeApi(), namespace, name, leader.identity())
+    log = logging.getLogger("helios_operator.leader")
+    while not await asyncio.to_thread(_try, lock):
+        log.info("waiting for the lease %s/%s (held by another operator)", namespace, name)
+        await asyncio.sleep(leader.RENEW_S)
+    log.info("leading: holding the lease %s/%s as %s", namespace, name, lock.holder)
+
+    async def renew() -> None:
+        last = asyncio.get_running_loop().time()
+        try:
+            while True:
+                await asyncio.sleep(leader.RENEW_S)
+                if await asyncio.to_thread(_try, lock):
+                    last = asyncio.get_running_loop().time()
+                elif asyncio.get_running_loop().time() - last > lock.duration_s - leader.RENEW_S:
+                    log.error("lost the lease %s/%s: stopping, so that only the new leader acts", namespace, name)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+        except asyncio.CancelledError:
+            await asyncio.to_thread(lock.release)
+            raise
+
+    return asyncio.create_task(renew(), name="leader lease")
+
+
+def _try(lock: Any) -> bool:
+    try:
+        return bool(lock.try_acquire_or_renew())
+    except Exception as err:  # an unreachable API: not leading this round
+        logging.getLogger("helios_operator.leader").warning("lease: %s", err)
+        return False
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    lead = memo.get("leader")
+    if lead is not None:
+        lead.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lead
     loops: dict[tuple[str, str], _Loop] = memo.get("loops") or {}
     for loop in loops.values():
         loop.stop.set()
