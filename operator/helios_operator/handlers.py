@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import kopf
@@ -23,6 +24,7 @@ from helios_operator.telemetry import TelemetryProvider
 
 telemetry_provider: TelemetryProvider | None = None
 configured: Settings | None = None  # set by run_operator; otherwise read from HELIOS_* at start-up
+_held_lease: Any = None  # the leader Lease run_operator took before kopf started (leader.LeaseLock)
 _RESOURCE = (names.GROUP, names.VERSION, names.PLURAL)
 
 
@@ -37,7 +39,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     ours = configured or load_settings([], os.environ)
     logging.getLogger("helios_operator").setLevel(ours.log_level)
     _configure_kubernetes_client()
-    if ours.leader_election_lease:
+    if _held_lease is not None:  # taken by run_operator before kopf started
+        memo.leader = _keep_leading(_held_lease)
+    elif ours.leader_election_lease:
         # kopf runs no handler until every startup handler returns: wait here until we lead.
         memo.leader = await _lead(ours.leader_election_lease)
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
@@ -46,8 +50,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 async def _lead(lease_name: str) -> asyncio.Task[None]:
-    """Take the Lease (waiting while another operator holds it), then keep renewing it in a task
-    that stops this operator (SIGTERM) once it can no longer renew within the lease's duration."""
+    """Take the Lease (waiting while another operator holds it), then keep renewing it."""
     from helios_operator import leader
     from helios_operator.platforms.kubernetes import KubeApi
 
@@ -58,6 +61,58 @@ async def _lead(lease_name: str) -> asyncio.Task[None]:
         log.info("waiting for the lease %s/%s (held by another operator)", namespace, name)
         await asyncio.sleep(leader.RENEW_S)
     log.info("leading: holding the lease %s/%s as %s", namespace, name, lock.holder)
+    return _keep_leading(lock)
+
+
+def _wait_for_lease(lease_name: str, liveness: str | None) -> Any:
+    """Before kopf starts: take the Lease, waiting while another operator holds it, and answer the
+    liveness probe meanwhile (kopf serves it only once its startup handlers are done: a replica
+    waiting in one would be killed as dead). Returns the held lock."""
+    import http.server
+    import threading
+    from urllib.parse import urlparse
+
+    from helios_operator import leader
+    from helios_operator.platforms.kubernetes import KubeApi
+
+    _configure_kubernetes_client()
+    namespace, name = leader.parse_lease(lease_name)
+    lock = leader.LeaseLock(KubeApi(), namespace, name, leader.identity())
+    log = logging.getLogger("helios_operator.leader")
+    server: http.server.HTTPServer | None = None
+    if liveness:
+        url = urlparse(liveness)
+
+        class Alive(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = http.server.HTTPServer((url.hostname or "0.0.0.0", url.port or 8080), Alive)
+        threading.Thread(target=server.serve_forever, name="liveness while waiting", daemon=True).start()
+    try:
+        while not _try(lock):
+            log.info("waiting for the lease %s/%s (held by another operator)", namespace, name)
+            time.sleep(leader.RENEW_S)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("leading: holding the lease %s/%s as %s", namespace, name, lock.holder)
+    return lock
+
+
+def _keep_leading(lock: Any) -> asyncio.Task[None]:
+    """Renew the Lease in a task that stops this operator (SIGTERM: kopf shuts down cleanly, the pod
+    restarts and waits again) once it can no longer renew within the lease's duration."""
+    from helios_operator import leader
+
+    log = logging.getLogger("helios_operator.leader")
+    namespace, name = lock.namespace, lock.name
 
     async def renew() -> None:
         last = asyncio.get_running_loop().time()
@@ -202,9 +257,11 @@ def add_operator_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_operator(ns: argparse.Namespace) -> int:
-    global configured
+    global configured, _held_lease
     configured = settings_from_namespace(ns)
     logging.basicConfig(level=configured.log_level)
+    if configured.leader_election_lease:
+        _held_lease = _wait_for_lease(configured.leader_election_lease, getattr(ns, "liveness", None))
     kopf.run(
         clusterwide=not configured.namespaces,
         namespaces=list(configured.namespaces),

@@ -14,6 +14,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "cluster.sh"
 GO_MINIMUM = (1, 25)
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "prometheus")
 
 
 def _script(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -41,10 +42,7 @@ def binaries() -> Path:
 
 def built() -> bool:
     bin_dir = binaries()
-    return all(
-        (bin_dir / b).is_file()
-        for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "prometheus")
-    )
+    return all((bin_dir / b).is_file() for b in BINARIES)
 
 
 def unavailable() -> str | None:

@@ -124,7 +124,7 @@ def triples(rules: list[dict[str, Any]]) -> set[Triple]:
 
 def operator_requests(plane: Plane, space: Kubectl) -> list[dict[str, Any]]:
     user = operator_user(space)
-    return [e for e in plane.audit_events() if e["user"]["username"] == user and "objectRef" in e]
+    return [e for e in plane.audit_events() if e["user"].get("username") == user and "objectRef" in e]
 
 
 def children(space: Kubectl) -> list[dict[str, Any]]:
@@ -213,7 +213,7 @@ def test_the_audit_log_shows_no_refused_request_and_no_unused_rule(
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         used.add((ref.get("apiGroup", ""), resource, e["verb"]))
     rules = yaml.safe_load(RULES_FILE.read_text())
-    granted = triples(rules["namespaced"] + rules["cluster"] + rules["namespaceScanning"])
+    granted = triples(rules["namespaced"] + rules["cluster"] + rules["namespaceScanning"] + rules["leaderElection"])
     assert used <= granted, f"requests no rule grants: {sorted(used - granted)}"
     unused = granted - used - set(NOT_REQUESTED)
     assert unused == set(), f"rules no request used: {sorted(unused)}"
@@ -242,6 +242,42 @@ def test_a_status_write_that_loses_a_resource_version_race_is_refused_and_retrie
     fresh = platform.get_owner(owner)
     assert fresh is not None and fresh["metadata"]["resourceVersion"] != old_version
     platform.patch_status(owner, fresh.get("status") or {}, fresh["metadata"]["resourceVersion"])
+
+
+def test_of_two_operator_replicas_one_leads_and_the_other_takes_over_when_it_goes(
+    space: Kubectl, hd: dict[str, Any], release: str, node: TestKubelet
+) -> None:
+    """leaderElection (on by default): the second replica waits for the Lease, and acts only once
+    the first is gone (its Lease released at shutdown)."""
+    lease = f"{release}-leader"
+    first = space.ns_json("get", "lease", lease)["spec"]["holderIdentity"]
+    space.ns("scale", f"deployment/{release}", "--replicas=2")
+
+    def operator_pods() -> list[dict[str, Any]]:
+        return list(space.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"])
+
+    def second_waiting() -> str | None:
+        others = [p for p in operator_pods() if not first.startswith(p["metadata"]["name"] + "_")]
+        if len(others) != 1 or others[0]["status"].get("phase") != "Running":
+            return None
+        name = str(others[0]["metadata"]["name"])
+        return name if "waiting for the lease" in node.log_of(space.namespace, name) else None
+
+    second = wait_for("the second replica waiting for the lease", second_waiting, timeout=120, interval=1)
+    assert space.ns_json("get", "lease", lease)["spec"]["holderIdentity"] == first
+    space.ns("delete", "pod", first.rsplit("_", 1)[0], "--wait=true", "--timeout=90s", timeout=100)
+
+    def taken_over() -> str | None:
+        holder = str(space.ns_json("get", "lease", lease)["spec"].get("holderIdentity") or "")
+        return holder if holder and holder != first else None
+
+    # The waiting replica, or the ReplicaSet's replacement of the first if it is quicker.
+    holder = wait_for("another replica leading", taken_over, timeout=60, interval=1)
+    pod = holder.rsplit("_", 1)[0]
+    assert "leading: holding the lease" in node.log_of(space.namespace, pod)
+    waited = space.ns_json("get", "pod", second)["status"]["containerStatuses"][0]
+    assert waited["restartCount"] == 0, "a replica waiting for the lease still answers its liveness probe"
+    space.ns("scale", f"deployment/{release}", "--replicas=1")
 
 
 def test_with_the_operator_stopped_deletion_is_not_blocked_and_garbage_collection_removes_the_children(
