@@ -142,7 +142,7 @@ def test_test_nodes_register_and_the_node_lifecycle_controller_keeps_them_ready(
     # The real node-lifecycle controller removes the not-ready taint once it sees Ready.
     node = wait_for("node-gpu Ready and untainted", ready_without_taints, timeout=60, interval=1)
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "2"
-    lease = space.json("get", "lease", "-n", "space-node-lease", "node-gpu")
+    lease = space.json("get", "lease", "-n", "kube-node-lease", "node-gpu")
     assert lease["spec"]["holderIdentity"] == "node-gpu"
     # NodeRestriction: a node may not touch another node.
     other = kubelets[1]

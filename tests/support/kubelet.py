@@ -843,7 +843,6 @@ class TestKubelet:
                 **({"reason": reason} if reason else {}),
             }
 
-        started = any(c.started_at for c in pod.containers)
         conditions = [
             cond("PodReadyToStartContainers", True),
             cond("Initialized", True),
@@ -863,7 +862,6 @@ class TestKubelet:
             "containerStatuses": statuses,
             "qosClass": pod.body.get("status", {}).get("qosClass", "BestEffort"),
         }
-        del started
         text = json.dumps(status, sort_keys=True)
         if text == pod.last_status:
             return
