@@ -339,8 +339,24 @@ cmd_up() {
   printf '%s\n' "${STATE}/kubeconfig"
 }
 
+# Processes the test kubelet started and a dead test process left behind: those listed in
+# kubelet.pids that still carry the kubelet's marker in their environment (a PID reused by
+# another program never does).
+stop_pods() {
+  local f="${STATE}/kubelet.pids" pid
+  [[ -f "${f}" ]] || return 0
+  while read -r pid; do
+    [[ -n "${pid}" && -r "/proc/${pid}/environ" ]] || continue
+    if tr '\0' '\n' <"/proc/${pid}/environ" 2>/dev/null | grep -q '^HELIOS_TEST_KUBELET_POD='; then
+      kill -TERM -- "-${pid}" 2>/dev/null || kill -TERM "${pid}" 2>/dev/null || true
+    fi
+  done <"${f}"
+  rm -f "${f}"
+}
+
 cmd_down() {
   local b f pid stopped=0
+  stop_pods
   if [[ -f "${STATE}/pod-route-added" ]]; then
     ip route del local "${CLUSTER_CIDR}" dev lo table local 2>/dev/null || true
     rm -f "${STATE}/pod-route-added"

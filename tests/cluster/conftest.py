@@ -288,6 +288,7 @@ def ops_node(
         env=env,
         workdir=scratch / "pods",
         pod_prefix=plane.pod_prefix,
+        pid_file=plane.state / "kubelet.pids",
     )
     with kubelet:
         yield kubelet

@@ -66,6 +66,9 @@ def example(kube: Kubectl, claim: str) -> dict[str, Any]:
     for c in hd["spec"]["candidates"]:
         c["model"] = f"pvc://{claim}/{Path(c['model']).name}"  # /models/helios-tiny -> pvc://claim/helios-tiny
     hd["spec"]["worker"]["resources"]["requests"]["cpu"] = "250m"
+    # Reassess only when a test asks for it: the tiny models answer fast, and 60 requests of the
+    # warm-up traffic would start a new profiling round every few seconds on this plane.
+    hd["spec"]["reassessment"]["everyRequests"] = 100000
     return hd
 
 
@@ -212,6 +215,29 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     assert scale["status"]["replicas"] == 2 and scale["status"]["selector"], scale
     pods = kube.ns_json("get", "pods", "-l", scale["status"]["selector"])["items"]
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
+
+
+def test_after_every_requests_it_reassesses_on_live_traffic_and_serves_again(
+    kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
+) -> None:
+    """Reassessment: after `everyRequests` served requests HELIOS re-profiles every candidate on live
+    traffic beside the serving worker and decides again (trigger `reassessment`)."""
+    before = len(status(kube).get("decisions") or [])
+    kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"reassessment": {"everyRequests": 10}}}))
+    with Traffic(tiny["url"]) as traffic:
+
+        def reassessed() -> dict[str, Any] | None:
+            st = status(kube)
+            decisions = (st.get("decisions") or [])[before:]
+            return st if any(d["trigger"] == "reassessment" for d in decisions) else None
+
+        st = wait_for("a reassessment decision", reassessed, timeout=e2e.timeout_s, interval=2)
+        kube.ns(
+            "patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"reassessment": {"everyRequests": 100000}}})
+        )
+        wait_for("serving again", lambda: serving(kube), timeout=e2e.timeout_s, interval=3)
+    assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.outcomes}: {traffic.failures[:5]}"
+    assert {p["candidate"] for p in st["profiles"]} == {"tiny", "small"}
 
 
 def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:

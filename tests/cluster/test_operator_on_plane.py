@@ -81,6 +81,7 @@ def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tes
         env=env,
         workdir=scratch / "pods",
         pod_prefix=plane.pod_prefix,
+        pid_file=plane.state / "kubelet.pids",
     )
     with kubelet:
         yield kubelet

@@ -85,6 +85,7 @@ def kubelets(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             images={"python": None},
             workdir=scratch / "pods",
             pod_prefix=plane.pod_prefix,
+            pid_file=plane.state / "kubelet.pids",
         )
         kubelet.start()
         started.append(kubelet)

@@ -196,6 +196,7 @@ class TestKubelet:
         env: Mapping[str, str] | None = None,
         workdir: Path | None = None,
         pod_prefix: str = "127.0",
+        pid_file: Path | None = None,
     ) -> None:
         self.credentials = credentials
         self.node = node
@@ -212,6 +213,9 @@ class TestKubelet:
         subnet = next(_subnets)
         self.node_ip = f"{pod_prefix}.{subnet}.1"
         self._free_ips = [f"{pod_prefix}.{subnet}.{i}" for i in range(2, 255)]
+        # Every process started is listed here (`cluster.sh down` stops those still running, should
+        # the test process die without stopping them); each carries HELIOS_TEST_KUBELET_POD.
+        self.pid_file = pid_file
         self.pods: dict[str, Pod] = {}
         self.renew_leases = True  # a test clears it to play a node that stops heartbeating
         self._stop = threading.Event()
@@ -523,7 +527,8 @@ class TestKubelet:
         account = self._service_account_kubeconfig(pod)
         if account is not None:
             base["KUBECONFIG"] = account
-        return argv, {**base, "HOSTNAME": pod.body["metadata"]["name"], **env}
+        marker = {"HELIOS_TEST_KUBELET_POD": pod.uid}
+        return argv, {**base, "HOSTNAME": pod.body["metadata"]["name"], **marker, **env}
 
     def _service_account_kubeconfig(self, pod: Pod) -> str | None:
         """The pod's ServiceAccount token (a TokenRequest bound to the pod, as the kubelet asks for
@@ -586,6 +591,9 @@ class TestKubelet:
             return
         finally:
             log.close()
+        if self.pid_file is not None:
+            with self.pid_file.open("a") as pids:
+                pids.write(f"{c.proc.pid}\n")
         c.started_at = now()
         c.started_mono = time.monotonic()
         c.waiting = None
