@@ -44,6 +44,7 @@ RELEASE = "helios"
 OPERATOR = "helios-operator"  # fullnameOverride: the Deployment and the ServiceAccount
 HD = "contract-hd"
 RULES_FILE = REPO / "charts" / "helios" / "files" / "rbac.yaml"
+GROUP = {"helios.dev/test-group": "operator-rbac"}  # only this module's node runs its pods
 Triple = tuple[str, str, str]
 
 # Granted, yet no request of this flow makes them; each with why it is granted.
@@ -78,6 +79,7 @@ def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tes
         "node-ops",
         capacity={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"},
         images={"helios-operator": ["helios", "operator"], "helios-worker": None},
+        labels=GROUP,
         env=env,
         workdir=scratch / "pods",
         pod_prefix=plane.pod_prefix,
@@ -94,6 +96,7 @@ def release(plane: Plane, space: Kubectl, crd: dict[str, Any], node: TestKubelet
         "fullnameOverride": OPERATOR,
         "image": {"repository": "helios-operator", "tag": "test"},
         "watchNamespaces": [space.namespace],
+        "nodeSelector": GROUP,
         "operator": {
             "workerImage": "helios-worker:test",
             "prometheusUrl": "http://127.0.0.1:9",  # none: the operator reports MetricsAvailable=False
@@ -151,7 +154,7 @@ def hd(space: Kubectl, release: str) -> dict[str, Any]:
             {"name": "small", "model": "/models/helios-tiny", "layers": 6},
             {"name": "large", "model": "/models/helios-small", "layers": 8},
         ],
-        "worker": {"resources": {"requests": {"cpu": "100m"}}},
+        "worker": {"resources": {"requests": {"cpu": "100m"}}, "nodeSelector": GROUP},
     }
     obj = {"apiVersion": names.API_VERSION, "kind": names.KIND,
            "metadata": {"name": HD, "namespace": space.namespace}, "spec": spec}  # fmt: skip

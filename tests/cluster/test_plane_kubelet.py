@@ -23,6 +23,7 @@ from plane import Plane
 from tests.support.kubelet import ApiCredentials, TestKubelet
 
 pytestmark = [pytest.mark.own_plane, pytest.mark.timeout(600)]
+GROUP = {"helios.dev/test-group": "plane-kubelet"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def server_pod(name: str, **extra: Any) -> dict[str, Any]:
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
     }
     container.update(extra)
-    return {"containers": [container], "terminationGracePeriodSeconds": 5}
+    # Only this module's nodes (the session's e2e node, still up, cannot run this image).
+    return {"containers": [container], "terminationGracePeriodSeconds": 5, "nodeSelector": GROUP}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,7 @@ def kubelets(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             name,
             capacity=capacity,
             images={"python": None},
+            labels=GROUP,
             workdir=scratch / "pods",
             pod_prefix=plane.pod_prefix,
             pid_file=plane.state / "kubelet.pids",
