@@ -34,6 +34,13 @@ Triple = tuple[str, str, str]
 NOT_EXERCISED: dict[Triple, str] = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf scans CRDs (scanning is off in the harness)",
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf scans CRDs (scanning is off in the harness)",
+    **{
+        ("coordination.k8s.io", "leases", verb): (
+            "leader election (HELIOS_LEADER_ELECTION_LEASE) is off in the harness; the real plane proves it "
+            "(tests/cluster/test_operator_on_plane.py)"
+        )
+        for verb in ("get", "create", "update")
+    },
     ("helios.dev", "heliosdeployments/finalizers", "update"): (
         "no call: OwnerReferencesPermissionEnforcement checks it when a child with blockOwnerDeletion is "
         "created (tests/cluster/test_operator_on_plane.py proves it on a real API server)"
