@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -266,12 +266,12 @@ class LocalPlatform:
 
     # -- observation ------------------------------------------------------------------------------
 
-    async def write_status(self, owner: Owner, status: Status) -> None:
-        self.status = status
+    async def write_status(self, owner: Owner, status: Status, version: str | None) -> str | None:
+        self.status = status  # one writer, in memory: no race to lose
+        return None
 
-    async def remove(self, owner: Owner) -> None:
-        for name in list(self._workers):
-            self._delete(name)
+    async def fetch(self, owner: Owner) -> dict[str, Any] | None:
+        return None  # never asked: write_status never conflicts
 
     async def observe(self, owner: Owner) -> Observed:
         """Probe every process (exit, /readyz), replace dead ones, and report what is ready."""

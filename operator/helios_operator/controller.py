@@ -31,17 +31,18 @@ from helios_operator.core.types import (
     StepResult,
     TelemetrySnapshot,
 )
-from helios_operator.platform import Platform
+from helios_operator.platform import Platform, StatusConflict
 from helios_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[StepInput], StepResult]
+CONFLICT_RETRIES = 3  # a status write that loses a resourceVersion race: decide again from the fresh object
 
 
 @dataclass(frozen=True)
 class Outcome:
-    result: str  # ok | spec_error | platform_error | error
+    result: str  # ok | spec_error | platform_error | error | conflict | gone
     status: Status
     telemetry: TelemetrySnapshot | None = None
     requeue_after: float | None = None
@@ -100,23 +101,74 @@ def wake(body: Mapping[str, Any], controller: Controller) -> None:
     controller.wakeup(owner.namespace, owner.name).set()
 
 
-async def resync(body: Mapping[str, Any], controller: Controller, stopped: Any) -> None:
-    """The one reconcile loop per object under kopf (its daemon): every resync_interval_s, sooner
-    when the step asks (requeue_after) or the spec changes (`wakeup`). `stopped` is kopf's flag."""
-    owner = owner_of(body)
+class ObjectLoop:
+    """One live HeliosDeployment's reconcile loop: its latest body (replaced in place by each watch
+    event) and the task that reconciles it."""
+
+    def __init__(self, uid: str, body: dict[str, Any]) -> None:
+        self.uid = uid
+        self.body = body
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+async def watched(event: Mapping[str, Any], loops: dict[tuple[str, str], ObjectLoop], controller: Controller) -> None:
+    """A watch event (or the initial listing) of a HeliosDeployment: keep one resync loop per live
+    object, fed its latest body, and stop it when the object is gone.
+
+    Fed by a watching handler, not a kopf daemon: kopf puts a finalizer on every object with a daemon,
+    and a finalizer blocks deletion while the operator is down. The children carry ownerReferences,
+    so the API server's garbage collector removes them; the operator keeps no finalizer."""
+    obj = dict(event["object"])
+    meta = obj.get("metadata") or {}
+    key = (str(meta.get("namespace") or "default"), str(meta.get("name")))
+    loop = loops.get(key)
+    if event["type"] == "DELETED" or meta.get("deletionTimestamp"):
+        if loop is not None and loop.uid == meta.get("uid"):
+            loops.pop(key)
+            loop.stop.set()
+            controller.wakeup(*key).set()
+            forget(obj, controller)
+        return
+    if loop is not None and loop.uid != meta.get("uid"):  # deleted and re-created while we looked away
+        loop.stop.set()
+        loop = None
+    if loop is None:
+        loop = ObjectLoop(uid=str(meta.get("uid")), body=obj)
+        loop.task = asyncio.create_task(resync(loop, controller), name=f"resync {key[0]}/{key[1]}")
+        loops[key] = loop
+    else:  # the loop's body is live: replaced in place with the newest object
+        loop.body.clear()
+        loop.body.update(obj)
+
+
+async def stop_loops(loops: dict[tuple[str, str], ObjectLoop]) -> None:
+    for loop in loops.values():
+        loop.stop.set()
+    tasks = [loop.task for loop in loops.values() if loop.task is not None]
+    if tasks:
+        _done, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()
+
+
+async def resync(loop: ObjectLoop, controller: Controller) -> None:
+    """The one reconcile loop per object: every resync_interval_s, sooner when the step asks
+    (requeue_after) or the spec changes (`wakeup`)."""
+    owner = owner_of(loop.body)
     wakeup = controller.wakeup(owner.namespace, owner.name)
-    while not stopped:
+    while not loop.stop.is_set():
         wakeup.clear()
-        outcome = await reconcile_once(body, controller)
+        outcome = await reconcile_once(loop.body, controller)
         delay = controller.settings.resync_interval_s
         if outcome.requeue_after is not None:
             delay = max(0.05, min(delay, outcome.requeue_after))
-        woken, timer = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait(delay))
+        woken, stopped = asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(loop.stop.wait())
         try:
-            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({woken, stopped}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
-            timer.cancel()
+            stopped.cancel()
 
 
 async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now: float | None = None) -> Outcome:
@@ -125,27 +177,45 @@ async def reconcile_once(body: Mapping[str, Any], controller: Controller, *, now
     clock = time.time() if now is None else now
     platform = controller.platform
     async with controller.lock(owner.namespace, owner.name):
-        status = read_status(body)
-        try:
-            spec = read_spec(body, controller.settings)
-        except SpecError as err:
-            outcome = await _report_spec_error(platform, owner, status, str(err), clock)
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                outcome = await _reconcile_body(body, controller, clock)
+                break
+            except StatusConflict:
+                # Another writer changed the object since `body` was read: nothing was acted on;
+                # decide again from the object as it is now.
+                fresh = await platform.fetch(owner)
+                if fresh is None:
+                    return Outcome("gone", read_status(body))
+                body = fresh
         else:
-            generation = int((body.get("metadata") or {}).get("generation") or 0)
-            target = Target(owner, generation, spec, status)
-            outcome = await reconcile_spec(platform, controller.telemetry, target, now=clock)
+            outcome = Outcome("conflict", read_status(body), requeue_after=1.0)
     metrics.record_reconcile(owner.namespace, owner.name, outcome.status, outcome.telemetry, outcome.result)
     return outcome
 
 
+async def _reconcile_body(body: Mapping[str, Any], controller: Controller, now: float) -> Outcome:
+    owner, status = owner_of(body), read_status(body)
+    meta = body.get("metadata") or {}
+    version = str(meta.get("resourceVersion") or "") or None
+    try:
+        spec = read_spec(body, controller.settings)
+    except SpecError as err:
+        return await _report_spec_error(controller.platform, owner, status, str(err), now, version)
+    target = Target(owner, int(meta.get("generation") or 0), spec, status, version)
+    return await reconcile_spec(controller.platform, controller.telemetry, target, now=now)
+
+
 @dataclass(frozen=True)
 class Target:
-    """One HeliosDeployment as the loop reads it: who owns the children, and its parsed spec and status."""
+    """One HeliosDeployment as the loop reads it: who owns the children, its parsed spec and status,
+    and the resourceVersion they were read at (the status write is conditional on it)."""
 
     owner: Owner
     generation: int
     spec: HeliosSpec
     status: Status
+    version: str | None = None
 
 
 async def reconcile_spec(
@@ -154,6 +224,8 @@ async def reconcile_spec(
     """One reconcile of a parsed spec on any platform; a bug becomes a Degraded condition, not a crash."""
     try:
         return await _reconcile(platform, telemetry, target, now, step)
+    except StatusConflict:
+        raise  # not a bug: the caller decides again from the fresh object
     except Exception as err:  # a bug must not stop the loop; say it in status and retry
         owner = target.owner
         log.exception("reconciling %s/%s failed", owner.namespace, owner.name)
@@ -169,7 +241,8 @@ async def _reconcile(
     try:
         observed = await platform.observe(owner)
     except Exception as err:  # an unreachable API must not crash the operator
-        return await _report_platform_error(platform, owner, status, f"observing children failed: {err}", now)
+        why = f"observing children failed: {err}"
+        return await _report_platform_error(platform, owner, status, why, now, version=target.version)
     try:
         snapshot = await telemetry(owner.namespace, owner.name, spec)
     except Exception as err:  # a provider bug is a telemetry outage, not a crash
@@ -195,7 +268,9 @@ async def _reconcile(
     except Exception as err:  # PlatformError; Events never hold the switch back
         outcome, new_status = "platform_error", _failed(new_status, err, now)
     try:
-        await platform.write_status(owner, new_status)
+        version = await platform.write_status(owner, new_status, target.version)
+    except StatusConflict:
+        raise
     except Exception as err:
         log.warning("writing the status of %s failed: %s; its actions wait for the next reconcile", owner.name, err)
         return Outcome("platform_error", new_status, snapshot, result.requeue_after, result.actions, observed, result)
@@ -204,7 +279,7 @@ async def _reconcile(
     except Exception as err:  # PlatformError, or a manifest the API cannot take
         outcome, new_status = "platform_error", _failed(new_status, err, now)
         try:
-            await platform.write_status(owner, new_status)
+            await platform.write_status(owner, new_status, version)
         except Exception as err2:
             log.warning("writing the status of %s failed: %s", owner.name, err2)
     return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions, observed, result)
@@ -218,7 +293,9 @@ def _failed(status: Status, err: Exception, now: float) -> Status:
     )
 
 
-async def _report_spec_error(platform: Platform, owner: Owner, status: Status, message: str, now: float) -> Outcome:
+async def _report_spec_error(
+    platform: Platform, owner: Owner, status: Status, message: str, now: float, version: str | None = None
+) -> Outcome:
     """Ready=False with the reason, one Warning Event per new message; workers are left as they are."""
     old = status.condition(conditions.READY)
     new_status = status.with_changes(
@@ -227,7 +304,9 @@ async def _report_spec_error(platform: Platform, owner: Owner, status: Status, m
     try:
         if old is None or old.reason != "InvalidSpec" or old.message != message:
             await platform.apply(owner, None, (EmitEvent("InvalidSpec", message, "Warning"),))
-        await platform.write_status(owner, new_status)
+        await platform.write_status(owner, new_status, version)
+    except StatusConflict:
+        raise
     except Exception as err:
         log.warning("reporting the spec error of %s failed: %s", owner.name, err)
     return Outcome("spec_error", new_status)
@@ -240,33 +319,39 @@ async def _report_platform_error(
     message: str,
     now: float,
     reason: str = "PlatformError",
+    version: str | None = None,
 ) -> Outcome:
     new_status = status.with_changes(
         conditions=conditions.set_condition(status.conditions, conditions.DEGRADED, "True", reason, message[:1000], now)
     )
     try:
-        await platform.write_status(owner, new_status)
+        await platform.write_status(owner, new_status, version)
+    except StatusConflict:
+        raise
     except Exception as err:
         log.warning("reporting the platform error of %s failed: %s", owner.name, err)
     return Outcome("platform_error", new_status)
 
 
-async def finalize(body: Mapping[str, Any], controller: Controller) -> None:
-    """On deletion: the platform removes the workers and the Services; the object's state is forgotten."""
+def forget(body: Mapping[str, Any], controller: Controller) -> None:
+    """The object is gone: drop what the operator holds for it. Its children are not touched: they
+    carry ownerReferences, and the API server's garbage collector deletes them (no finalizer)."""
     owner = owner_of(body)
-    async with controller.lock(owner.namespace, owner.name):
-        await controller.platform.remove(owner)
     metrics.forget(owner.namespace, owner.name)
     controller._locks.pop((owner.namespace, owner.name), None)
+    controller._wakeups.pop((owner.namespace, owner.name), None)
 
 
 __all__ = [
     "Controller",
+    "ObjectLoop",
     "Outcome",
     "Target",
-    "finalize",
+    "forget",
     "make_controller",
     "reconcile_once",
     "reconcile_spec",
     "resync",
+    "stop_loops",
+    "watched",
 ]

@@ -1,13 +1,15 @@
-"""kopf registrations only: each handler is one call into `controller`.
+"""kopf registrations only: each handler is one call into `controller` (or `leader`).
 
 Run with `helios operator` (main.py) or `kopf run -m helios_operator.handlers`. Settings come from
 flags and HELIOS_* variables (settings.py). The state kopf's handlers share lives in kopf's memo;
 what is chosen before kopf starts (the settings, a telemetry provider that replaces Prometheus, as
-the tests do) lives in the one `controls` object.
+the tests do, the leader Lease already taken) lives in the one `controls` object.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from helios_operator import controller
+from helios_operator import controller, leader
 from helios_operator.adapters import metrics
 from helios_operator.adapters.kubernetes import KubernetesPlatform, configure_client
 from helios_operator.adapters.prometheus import TelemetryProvider
@@ -25,10 +27,12 @@ from helios_operator.settings import Settings, load_settings
 
 @dataclass
 class Controls:
-    """Set before kopf starts; None: settings from HELIOS_* at start-up, telemetry from Prometheus."""
+    """Set before kopf starts; None: settings from HELIOS_* at start-up, telemetry from Prometheus,
+    and the leader Lease (when leader election is on) taken in the startup handler."""
 
     settings: Settings | None = None
     telemetry: TelemetryProvider | None = None
+    lease: leader.LeaseLock | None = None
 
 
 controls = Controls()
@@ -42,18 +46,29 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = controls.settings or load_settings([], os.environ)
     logging.getLogger("helios_operator").setLevel(ours.log_level)
     configure_client()
+    if controls.lease is not None:  # taken by `helios operator` before kopf started
+        memo.leader = leader.keep_leading(controls.lease)
+    elif ours.leader_election_lease:  # kopf runs no handler until every startup handler returns
+        memo.leader = await leader.lead(ours.leader_election_lease)
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
     platform = KubernetesPlatform(service_monitors=ours.service_monitors)
     memo.controller = controller.make_controller(ours, platform, controls.telemetry)
+    memo.loops = {}
     memo.metrics_server = metrics.serve(ours.metrics_port, ours.metrics_host)
 
 
 @kopf.on.cleanup()
-def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    lead = memo.get("leader")
+    if lead is not None:
+        lead.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lead
+    await controller.stop_loops(memo.get("loops") or {})
     server = getattr(memo, "metrics_server", None)
     if server is not None:
         server.shutdown()
@@ -67,12 +82,7 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     controller.wake(body, memo.controller)
 
 
-@kopf.daemon(*_RESOURCE, cancellation_timeout=5.0)
-async def resync(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """The one reconcile loop per object (started when it appears, on create and on operator restart)."""
-    await controller.resync(body, memo.controller, stopped)
-
-
-@kopf.on.delete(*_RESOURCE)
-async def delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await controller.finalize(body, memo.controller)
+@kopf.on.event(*_RESOURCE)
+async def watched(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event: one resync loop per live object (no daemon, so no finalizer)."""
+    await controller.watched(event, memo.loops, memo.controller)

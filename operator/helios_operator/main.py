@@ -7,7 +7,7 @@ import logging
 
 import kopf
 
-from helios_operator import handlers
+from helios_operator import handlers, leader
 from helios_operator.settings import add_arguments, settings_from_namespace
 
 
@@ -21,6 +21,8 @@ def run_operator(ns: argparse.Namespace) -> int:
     settings = settings_from_namespace(ns)
     handlers.controls.settings = settings
     logging.basicConfig(level=settings.log_level)
+    if settings.leader_election_lease:  # lead before kopf starts, answering the liveness probe meanwhile
+        handlers.controls.lease = leader.wait_for_lease(settings.leader_election_lease, getattr(ns, "liveness", None))
     kopf.run(
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from helios_operator.core.types import HeliosSpec, Observed, Owner, PlatformAction, Status
 
 
 class PlatformError(RuntimeError):
     """An action could not be applied; the next reconcile retries it."""
+
+
+class StatusConflict(Exception):
+    """The status write lost a resourceVersion race (409): the step's decision rests on an old object."""
 
 
 class Platform(Protocol):
@@ -24,10 +28,11 @@ class Platform(Protocol):
         the workers are rendered from; None (a spec that does not parse) allows only Events."""
         ...
 
-    async def write_status(self, owner: Owner, status: Status) -> None:
-        """Record what the step decided (the Kubernetes status subresource, or memory)."""
+    async def write_status(self, owner: Owner, status: Status, version: str | None) -> str | None:
+        """Record what the step decided (the Kubernetes status subresource, or memory). With `version`
+        the write holds only if the object is still at it (else StatusConflict); returns the new one."""
         ...
 
-    async def remove(self, owner: Owner) -> None:
-        """The owner is gone: delete its workers and Services."""
+    async def fetch(self, owner: Owner) -> Mapping[str, Any] | None:
+        """The owner's object as it is now (after a StatusConflict); None when it is gone."""
         ...

@@ -48,6 +48,9 @@ class Settings:
     service_monitors: bool = _setting(
         False, "create a ServiceMonitor per HeliosDeployment where the Prometheus operator's CRD is installed"
     )
+    leader_election_lease: str = _setting(
+        "", "namespace/name of a Lease: act only while holding it (one acting operator of many); empty: off"
+    )
 
     def validate(self) -> Settings:
         problems: list[str] = []
@@ -66,6 +69,9 @@ class Settings:
             problems.append(f"resync_interval_s must be in (0, 3600], got {self.resync_interval_s}")
         if not 0 <= self.metrics_port <= 65535:
             problems.append(f"metrics_port must be in [0, 65535] (0: off), got {self.metrics_port}")
+        lease = self.leader_election_lease
+        if lease and (lease.count("/") != 1 or not all(lease.split("/"))):
+            problems.append(f"leader_election_lease must be namespace/name, got {lease!r}")
         if any(not ns.strip() for ns in self.namespaces):
             problems.append(f"namespaces must not hold empty names, got {list(self.namespaces)}")
         if problems:

@@ -15,16 +15,20 @@ RULES_FILE = CHART / "files" / "rbac.yaml"
 EXPECTED_NAMESPACED = {
     *(("helios.dev", "heliosdeployments", v) for v in ("list", "watch", "patch")),
     ("helios.dev", "heliosdeployments/status", "patch"),
+    ("helios.dev", "heliosdeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     *(("apps", "deployments", v) for v in ("get", "list", "create", "patch", "delete")),
-    *(("", "services", v) for v in ("get", "list", "create", "patch", "delete")),
+    *(("", "services", v) for v in ("get", "list", "create", "patch")),  # deleted by garbage collection
     ("", "pods", "list"),
     ("", "events", "create"),
 }
-EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "delete")}
+EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create")}
 EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {
     ("", "nodes", "list")  # the GPU supply
 }
-EXPECTED_ALL_NAMESPACES = {("", "namespaces", v) for v in ("list", "watch")}
+# kopf scans namespaces only when it is not cluster-wide (namespaced mode)
+EXPECTED_NAMESPACE_SCANNING = {("", "namespaces", v) for v in ("list", "watch")}
+# the operator's own Lease (leader election), in the release namespace only
+EXPECTED_LEADER = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
 def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
@@ -38,11 +42,12 @@ def _file() -> dict[str, list[dict[str, Any]]]:
 
 def test_the_rules_file_grants_exactly_what_the_operator_calls() -> None:
     rules = _file()
-    assert set(rules) == {"namespaced", "serviceMonitor", "cluster", "allNamespaces"}
+    assert set(rules) == {"namespaced", "serviceMonitor", "cluster", "namespaceScanning", "leaderElection"}
+    assert _triples(rules["leaderElection"]) == EXPECTED_LEADER
     assert _triples(rules["namespaced"]) == EXPECTED_NAMESPACED
     assert _triples(rules["serviceMonitor"]) == EXPECTED_SERVICE_MONITOR
     assert _triples(rules["cluster"]) == EXPECTED_CLUSTER
-    assert _triples(rules["allNamespaces"]) == EXPECTED_ALL_NAMESPACES
+    assert _triples(rules["namespaceScanning"]) == EXPECTED_NAMESPACE_SCANNING
 
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
@@ -52,7 +57,9 @@ def test_no_wildcards_secrets_pod_access_peering_or_escalation_anywhere(value_se
             continue
         for group, resource, verb in _triples(doc["rules"]):
             assert "*" not in (group, resource, verb)
-            assert resource not in {"secrets", "pods/exec", "pods/log", "leases", "kopfpeerings", "clusterkopfpeerings"}
+            assert resource not in {"secrets", "pods/exec", "pods/log", "kopfpeerings", "clusterkopfpeerings"}
+            # leases only in the Role of the release namespace (the operator's own Lease)
+            assert resource != "leases" or (doc["kind"], doc["metadata"]["name"]) == ("Role", f"{RELEASE}-leader")
             assert resource != "pods" or verb == "list"  # pods are only read, to report workers that fail
             assert verb not in {"escalate", "bind", "impersonate", "deletecollection"}
 
@@ -61,10 +68,15 @@ def test_all_namespaces_mode_uses_cluster_roles_rendered_from_the_file() -> None
     docs = manifests("defaults")
     rules = _file()
     assert _triples(one(docs, "ClusterRole", RELEASE)["rules"]) == _triples(rules["namespaced"])
-    assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(
-        rules["cluster"] + rules["allNamespaces"]
-    )
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    # cluster-wide, kopf watches every namespace's objects with one request: no namespace scanning
+    assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(rules["cluster"])
+    # the only Role: the leader-election Lease in the release namespace
+    roles = [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert [(d["kind"], d["metadata"]["name"]) for d in roles] == [
+        ("Role", f"{RELEASE}-leader"),
+        ("RoleBinding", f"{RELEASE}-leader"),
+    ]
+    assert _triples(roles[0]["rules"]) == EXPECTED_LEADER
 
 
 def test_service_monitor_rights_come_only_with_service_monitors() -> None:
@@ -74,12 +86,13 @@ def test_service_monitor_rights_come_only_with_service_monitors() -> None:
 
 def test_namespaced_mode_grants_a_role_per_watched_namespace_and_no_cluster_wide_write() -> None:
     docs = manifests("namespaced")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] != f"{RELEASE}-leader"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert _triples(role["rules"]) == EXPECTED_NAMESPACED | EXPECTED_SERVICE_MONITOR
     (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    assert _triples(cluster_role["rules"]) == EXPECTED_CLUSTER  # no namespaces, nothing writable
+    # kopf lists and watches namespaces to learn which of the named ones exist; nothing writable
+    assert _triples(cluster_role["rules"]) == EXPECTED_CLUSTER | EXPECTED_NAMESPACE_SCANNING
 
 
 @pytest.mark.parametrize("value_set", ["defaults", "monitoring", "namespaced"])

@@ -50,6 +50,8 @@ def test_every_namespaced_object_lands_in_the_release_or_a_watched_namespace(val
     for doc in manifests(value_set):
         if doc["kind"].startswith("Cluster"):
             assert "namespace" not in doc["metadata"]
+        elif doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"].endswith("-leader"):
+            assert doc["metadata"]["namespace"] == NAMESPACE  # the operator's own Lease
         elif doc["kind"] in ("Role", "RoleBinding"):
             assert doc["metadata"]["namespace"] in watched
         else:
@@ -65,6 +67,8 @@ def test_defaults_render_the_operator_its_account_rbac_service_and_dashboard_but
             "ClusterRoleBinding",
             "ConfigMap",
             "Deployment",
+            "Role",  # the leader-election Lease
+            "RoleBinding",
             "Service",
             "ServiceAccount",
         ]
@@ -216,7 +220,7 @@ def test_existing_service_account_is_used_and_nothing_rbac_is_rendered() -> None
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"replicaCount": 2}, "/replicaCount"),
+        ({"replicaCount": 4}, "/replicaCount"),
         ({"operator": {"logLevel": "loud"}}, "/operator/logLevel"),
         ({"operator": {"prometheusUrl": "prometheus:9090"}}, "/operator/prometheusUrl"),
         ({"operator": {"metricsPort": 70000}}, "/operator/metricsPort"),

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import yaml
+from tests.support.kubelet import TestKubelet
+from tests.support.prometheus import PrometheusServer
 from tests.support.servers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +67,7 @@ class E2EConfig:
 class Kubectl:
     namespace: str
     timeout_s: float = 60.0
+    env: dict[str, str] | None = None  # KUBECONFIG and PATH of the cluster (None: this process's)
 
     def run(
         self, *args: str, stdin: str | None = None, timeout: float | None = None
@@ -76,6 +79,7 @@ class Kubectl:
             text=True,
             timeout=timeout or self.timeout_s,
             check=False,
+            env=self.env,
         )
 
     def ok(self, *args: str, stdin: str | None = None, timeout: float | None = None) -> str:
@@ -87,9 +91,9 @@ class Kubectl:
         out: dict[str, Any] = json.loads(self.ok(*args, "-o", "json"))
         return out
 
-    def ns(self, *args: str) -> str:
+    def ns(self, *args: str, timeout: float | None = None) -> str:
         """kubectl in the test namespace."""
-        return self.ok("-n", self.namespace, *args)
+        return self.ok("-n", self.namespace, *args, timeout=timeout)
 
     def ns_json(self, *args: str) -> dict[str, Any]:
         return self.json("-n", self.namespace, *args)
@@ -111,32 +115,78 @@ def split_image(image: str) -> tuple[str, str]:
     return name, tag
 
 
-def operator_logs(kube: Kubectl) -> str:
+def operator_logs(kube: Kubectl, node: TestKubelet | None = None) -> str:
+    """The operator's last log lines: `kubectl logs`, or the test kubelet's copy on the own plane
+    (it serves no kubelet API, so `kubectl logs` cannot reach it)."""
+    if node is not None:
+        pods = kube.run(
+            "-n", kube.namespace, "get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "json"
+        )
+        names = [p["metadata"]["name"] for p in json.loads(pods.stdout or '{"items": []}')["items"]]
+        text = "\n".join(node.log_of(kube.namespace, n)[-6000:] for n in names)
+        return f"operator logs:\n{text}\n{node.describe()}"
     done = kube.run("-n", kube.namespace, "logs", f"deployment/{OPERATOR}", "--tail=80")
     return f"operator logs:\n{done.stdout or done.stderr}"
+
+
+def image_name(image: str) -> str:
+    """`registry:5000/helios-operator:e2e` -> `helios-operator` (what the test kubelet matches)."""
+    return split_image(image)[0].rsplit("/", 1)[-1]
+
+
+def worker_scrape_job(namespace: str) -> dict[str, Any]:
+    """The scrape job for the worker pods: the relabelling the operator's ServiceMonitor declares
+    (worker and namespace labels; test_cluster_e2e checks the two agree)."""
+    return {
+        "job_name": "helios-workers",
+        "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [namespace]}}],
+        "relabel_configs": [
+            {
+                "source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"],
+                "regex": ".+",
+                "action": "keep",
+            },
+            {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http", "action": "keep"},
+            {"source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"], "target_label": "worker"},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        ],
+    }
+
+
+def local_prometheus_config(namespace: str, api_server: str, ca_file: str, token_file: str) -> dict[str, Any]:
+    """The same job for a Prometheus outside the cluster: it names the API server and authenticates
+    with a ServiceAccount token instead of the in-cluster defaults."""
+    job = worker_scrape_job(namespace)
+    job["scrape_interval"] = "2s"
+    sd = job["kubernetes_sd_configs"][0]
+    sd.update(
+        {
+            "api_server": api_server,
+            "tls_config": {"ca_file": ca_file},
+            "authorization": {"credentials_file": token_file},
+        }
+    )
+    return {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"}, "scrape_configs": [job]}
+
+
+ROLE_KINDS = ("ServiceAccount", "Role", "RoleBinding")
+
+
+class LocalPrometheus(PrometheusServer):
+    """Prometheus as a local process with a configuration of our own: the plane's build
+    (scripts/cluster.sh), since the Debian package leaves kubernetes_sd_configs out."""
+
+    def __init__(self, directory: Path, config: dict[str, Any], binary: str) -> None:
+        super().__init__([], directory, scrape_interval="2s", binary=binary)
+        self.config_path.write_text(yaml.safe_dump(config))
 
 
 def prometheus_objects(namespace: str, image: str) -> list[dict[str, Any]]:
     labels = {"app.kubernetes.io/name": PROMETHEUS}
     scrape = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
-        "scrape_configs": [
-            {
-                "job_name": "helios-workers",
-                "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [namespace]}}],
-                "relabel_configs": [
-                    {
-                        "source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"],
-                        "regex": ".+",
-                        "action": "keep",
-                    },
-                    {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "http", "action": "keep"},
-                    {"source_labels": ["__meta_kubernetes_pod_label_helios_dev_worker"], "target_label": "worker"},
-                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                ],
-            }
-        ],
+        "scrape_configs": [worker_scrape_job(namespace)],
     }
     meta = {"name": PROMETHEUS, "namespace": namespace, "labels": labels}
     return [

@@ -2,9 +2,13 @@
 and both images, the trained tiny example profiled on live traffic and served, the scale subresource,
 a forced switch under traffic with no failed request, and garbage collection by ownerReferences.
 
-Runs only with HELIOS_E2E=1 and a reachable cluster (conftest.py says why it skips); how to set one
-up with kind or k3d is in docs/cluster-testing.md. The tests run in file order and build on each
-other's state (one namespace, one release, one HeliosDeployment), as a person would.
+Runs on every target (conftest.py says why it skips where none is): on the project's own plane the
+operator and worker pods run through the test kubelet (`helios operator`, `helios worker` with the
+pods' own args, models from a hostPath volume) and Prometheus is a local process that discovers the
+workers through kubernetes_sd_configs against that API server; on a cluster of HELIOS_E2E=1 the
+images run (how to set one up with kind or k3d is in docs/cluster-testing.md).
+The tests run in file order and build on each other's state (one namespace, one release, one
+HeliosDeployment), as a person would.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for
+from e2e_support import RELEASE, REPO, E2EConfig, Kubectl, Traffic, operator_logs, wait_for, worker_scrape_job
+from tests.support.kubelet import TestKubelet
 
 from helios_operator.core import names
 
@@ -61,6 +66,9 @@ def example(kube: Kubectl, claim: str) -> dict[str, Any]:
     for c in hd["spec"]["candidates"]:
         c["model"] = f"pvc://{claim}/{Path(c['model']).name}"  # /models/helios-tiny -> pvc://claim/helios-tiny
     hd["spec"]["worker"]["resources"]["requests"]["cpu"] = "250m"
+    # Reassess only when a test asks for it: the tiny models answer fast, and 60 requests of the
+    # warm-up traffic would start a new profiling round every few seconds on this plane.
+    hd["spec"]["reassessment"]["everyRequests"] = 100000
     return hd
 
 
@@ -93,7 +101,14 @@ def serving(kube: Kubectl, not_candidate: str | None = None) -> dict[str, Any] |
 
 
 @pytest.fixture(scope="module")
-def tiny(kube: Kubectl, e2e: E2EConfig, operator_release: str, model_claim: str, api_proxy: str) -> dict[str, Any]:
+def tiny(
+    kube: Kubectl,
+    e2e: E2EConfig,
+    operator_release: str,
+    model_claim: str,
+    api_proxy: str,
+    ops_node: TestKubelet | None,
+) -> dict[str, Any]:
     """The example applied with kubectl; its status once profiling on live traffic chose and it serves."""
     kube.apply([example(kube, model_claim)])
     url = f"{api_proxy}/api/v1/namespaces/{kube.namespace}/services/{HD}:{names.WORKER_PORT_NAME}/proxy/v1/completions"
@@ -103,7 +118,7 @@ def tiny(kube: Kubectl, e2e: E2EConfig, operator_release: str, model_claim: str,
         try:
             st = wait_for("the example to serve", lambda: serving(kube), timeout=e2e.timeout_s, interval=3)
         except AssertionError as err:
-            raise AssertionError(f"{err}\nrequests: {warmup.outcomes}\n{operator_logs(kube)}") from err
+            raise AssertionError(f"{err}\nrequests: {warmup.outcomes}\n{operator_logs(kube, ops_node)}") from err
     assert warmup.ok >= 2 * 3, f"profiling finished on fewer requests than 3 per candidate: {warmup.outcomes}"
     return {"status": st, "url": url}
 
@@ -115,6 +130,20 @@ def test_the_crd_is_established_with_its_short_name_scale_subresource_and_printe
     version = next(v for v in crd["spec"]["versions"] if v["name"] == names.VERSION)
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == ["Phase", "Candidate", "Depth"]
+
+
+def test_the_scrape_job_relabels_workers_as_the_operators_service_monitor_declares() -> None:
+    """The suite's Prometheus (kubernetes_sd_configs) and the ServiceMonitor the operator creates
+    where the Prometheus Operator runs must give the series the same `worker` and `namespace`."""
+    from helios_operator.core import manifests as resources
+
+    monitor = resources.service_monitor(HD, "ns")["spec"]["endpoints"][0]
+    job = worker_scrape_job("ns")
+    ours = {r["target_label"]: r["source_labels"] for r in job["relabel_configs"] if "target_label" in r}
+    theirs = {r["targetLabel"]: r["sourceLabels"] for r in monitor["relabelings"] if "targetLabel" in r}
+    assert theirs and all(ours.get(label) == sources for label, sources in theirs.items()), (ours, theirs)
+    kept = [r for r in job["relabel_configs"] if r.get("action") == "keep" and "port_name" in r["source_labels"][0]]
+    assert [r["regex"] for r in kept] == [monitor["port"]] == [names.WORKER_PORT_NAME]
 
 
 def test_the_api_server_accepts_the_good_spec_and_every_example(kube: Kubectl, crd: dict[str, Any]) -> None:
@@ -188,6 +217,29 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
 
 
+def test_after_every_requests_it_reassesses_on_live_traffic_and_serves_again(
+    kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
+) -> None:
+    """Reassessment: after `everyRequests` served requests HELIOS re-profiles every candidate on live
+    traffic beside the serving worker and decides again (trigger `reassessment`)."""
+    before = len(status(kube).get("decisions") or [])
+    kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"reassessment": {"everyRequests": 10}}}))
+    with Traffic(tiny["url"]) as traffic:
+
+        def reassessed() -> dict[str, Any] | None:
+            st = status(kube)
+            decisions = (st.get("decisions") or [])[before:]
+            return st if any(d["trigger"] == "reassessment" for d in decisions) else None
+
+        st = wait_for("a reassessment decision", reassessed, timeout=e2e.timeout_s, interval=2)
+        kube.ns(
+            "patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"reassessment": {"everyRequests": 100000}}})
+        )
+        wait_for("serving again", lambda: serving(kube), timeout=e2e.timeout_s, interval=3)
+    assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.outcomes}: {traffic.failures[:5]}"
+    assert {p["candidate"] for p in st["profiles"]} == {"tiny", "small"}
+
+
 def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
     """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
     other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
@@ -218,8 +270,8 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
 def test_deleting_the_heliosdeployment_garbage_collects_its_children(
     kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any], operator_release: str
 ) -> None:
-    """With the operator stopped and its finalizer removed, only the API server's garbage collector
-    can remove the children: this proves their ownerReferences, which kmock cannot."""
+    """With the operator stopped, nothing holds the deletion (the operator keeps no finalizer) and only
+    the API server's garbage collector can remove the children: this proves their ownerReferences."""
     uid = kube.ns_json("get", "hd", HD)["metadata"]["uid"]
     owned = children(kube)
     assert {o["kind"] for o in owned} == {"Deployment", "Service"}
@@ -234,8 +286,8 @@ def test_deleting_the_heliosdeployment_garbage_collects_its_children(
         timeout=120,
     )
     try:
+        assert not kube.ns_json("get", "hd", HD)["metadata"].get("finalizers"), "the operator keeps no finalizer"
         kube.ns("delete", "hd", HD, "--wait=false")
-        kube.ns("patch", "hd", HD, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
         wait_for("the HeliosDeployment gone", lambda: kube.ns_json("get", "hd")["items"] == [], timeout=60)
         wait_for("its children garbage-collected", lambda: children(kube) == [], timeout=e2e.timeout_s)
     finally:

@@ -131,7 +131,10 @@ class HeliosEmulator(kmock.KubernetesEmulator):
         elif isinstance(data, dict):  # merge patch (strategic merge and apply are treated alike)
             expected = (data.get("metadata") or {}).get("resourceVersion")
             if expected is not None and str(expected) != str(meta.get("resourceVersion")):
-                raise kmock.KubernetesError(status=422, reason="Invalid", message="resourceVersion mismatch")
+                # The real API server answers 409 Conflict; the operator's conditional status writes
+                # rely on it. Elsewhere 422, which kopf retries quietly (409 makes it throttle).
+                status = 409 if request.subresource == "status" else 422
+                raise kmock.KubernetesError(status=status, reason="Conflict", message="resourceVersion mismatch")
             new_meta = data.setdefault("metadata", {})
             if new_meta is None:
                 data["metadata"] = new_meta = {}

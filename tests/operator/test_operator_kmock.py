@@ -2,7 +2,7 @@
 
 GAPS of this stand-in for an API server (kmock, see kmock_support.py): no schema validation of the
 CRD, no defaults, no status/spec split, no garbage collection by ownerReferences (the references are
-asserted instead; the operator also deletes its children itself on deletion), selectors ignored,
+asserted instead: the operator keeps no finalizer and deletes no children on deletion), selectors ignored,
 no kubelet or Deployment controller: the test PLAYS THE DEPLOYMENT CONTROLLER by patching each
 Deployment's /status (readyReplicas) once it exists. Telemetry comes from a scripted provider that
 reports, for each worker Deployment that exists and is Ready, the numbers the test chose; the
@@ -257,11 +257,16 @@ def test_profiles_chooses_serves_adapts_reassesses_switches_and_deletes_cleanly(
     assert _workers(cluster)[st["active"]["worker"]]["spec"] == serving_before["spec"]
     assert set(_workers(cluster)) == {st["active"]["worker"]}
 
-    # Delete: the operator removes its children and its finalizer; the object goes away.
+    # Delete: no finalizer, so the object goes at once; its children are left to the API server's
+    # garbage collector (kmock has none: tests/cluster proves the collection on a real plane), so
+    # here they must still be there, each owned by the deleted object.
+    uid = cluster.get(cluster.hd_path(NS, HD))["metadata"]["uid"]
+    assert not cluster.get(cluster.hd_path(NS, HD))["metadata"].get("finalizers")
     cluster.delete(cluster.hd_path(NS, HD))
     cluster.wait_for("the HeliosDeployment gone", lambda: cluster.get(cluster.hd_path(NS, HD)) is None)
-    assert _workers(cluster) == {}
-    assert _service(cluster) is None and _service(cluster, names.SERVICE_METRICS) is None
+    for child in [*_workers(cluster).values(), _service(cluster), _service(cluster, names.SERVICE_METRICS)]:
+        assert child is not None
+        assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid]
     reasons = {e.get("reason") for e in cluster.items(f"/api/v1/namespaces/{NS}/events")}
     assert {"ProfilingStarted", "SwitchStarted", "Switched"} <= reasons
 

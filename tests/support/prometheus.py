@@ -46,7 +46,10 @@ def scrape_config(targets: list[str], scrape_interval: str, job: str = "helios")
 class PrometheusServer:
     """One Prometheus process; `url` is its base URL."""
 
-    def __init__(self, targets: list[str], directory: Path, scrape_interval: str = "1s") -> None:
+    def __init__(
+        self, targets: list[str], directory: Path, scrape_interval: str = "1s", binary: str = PROMETHEUS
+    ) -> None:
+        self.binary = binary
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config_path = directory / "prometheus.yml"
@@ -64,7 +67,7 @@ class PrometheusServer:
             with self.log_path.open("ab") as log:
                 self._process = subprocess.Popen(
                     [
-                        PROMETHEUS,
+                        self.binary,
                         f"--config.file={self.config_path}",
                         f"--storage.tsdb.path={self.directory / 'data'}",
                         f"--web.listen-address=127.0.0.1:{self.port}",

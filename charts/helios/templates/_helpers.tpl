@@ -55,8 +55,8 @@ app.kubernetes.io/part-of: helios
 {{- define "helios.clusterRules" -}}
 {{- $rules := .Files.Get "files/rbac.yaml" | fromYaml }}
 {{- $out := $rules.cluster }}
-{{- if not .Values.watchNamespaces }}
-{{- $out = concat $out $rules.allNamespaces }}
+{{- if .Values.watchNamespaces }}
+{{- $out = concat $out $rules.namespaceScanning }}
 {{- end }}
 {{- toYaml $out }}
 {{- end }}

@@ -42,7 +42,7 @@ from helios_operator.core.types import (
     Role,
     Status,
 )
-from helios_operator.platform import PlatformError
+from helios_operator.platform import PlatformError, StatusConflict
 
 log = logging.getLogger(__name__)
 
@@ -281,17 +281,16 @@ class KubernetesPlatform:
     async def apply(self, owner: Owner, spec: HeliosSpec | None, actions: Sequence[PlatformAction]) -> None:
         await asyncio.to_thread(self.execute, owner, spec, actions)
 
-    async def write_status(self, owner: Owner, status: Status) -> None:
-        await asyncio.to_thread(self.patch_status, owner, status.to_dict())
+    async def write_status(self, owner: Owner, status: Status, version: str | None) -> str | None:
+        try:
+            return await asyncio.to_thread(self.patch_status, owner, status.to_dict(), version) or None
+        except KubeApiError as err:
+            if err.status == 409:
+                raise StatusConflict(str(err)) from err
+            raise
 
-    async def remove(self, owner: Owner) -> None:
-        """Delete the workers and the Services explicitly (the API server's garbage collector would,
-        through the ownerReferences; doing it here also works where no collector runs)."""
-        monitor = manifests.service_monitor(owner.name, owner.namespace)["metadata"]["name"]
-        observed = await self.observe(owner)
-        for worker in observed.workers:
-            await asyncio.to_thread(self.delete_worker, owner, worker.name)
-        await asyncio.to_thread(self.delete_services, owner, monitor)
+    async def fetch(self, owner: Owner) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.get_owner, owner)
 
     # -- observe
 
@@ -460,23 +459,6 @@ class KubernetesPlatform:
         patch = [{"op": "replace", "path": "/spec/selector", "value": selector}]
         self.api.request("PATCH", _services(owner.namespace, name), patch, JSON_PATCH)
 
-    def delete_services(self, owner: Owner, monitor_name: str | None = None) -> None:
-        """Delete the stable and metrics Services (and the ServiceMonitor, when one may exist)."""
-        services = self.api.request("GET", _services(owner.namespace))
-        paths = [
-            _services(owner.namespace, s["metadata"]["name"])
-            for s in services.get("items") or []
-            if _owned_by(s, owner.name)
-        ]
-        if monitor_name and self.service_monitors and self.service_monitor_crd_present():
-            paths.append(_service_monitors(owner.namespace, monitor_name))
-        for path in paths:
-            try:
-                self.api.request("DELETE", path)
-            except KubeApiError as err:
-                if err.status != 404:
-                    raise
-
     def emit_event(self, owner: Owner, event: EmitEvent) -> None:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         body = {
@@ -501,6 +483,23 @@ class KubernetesPlatform:
         }
         self.api.request("POST", f"/api/v1/namespaces/{owner.namespace}/events", body)
 
-    def patch_status(self, owner: Owner, status: dict[str, Any]) -> None:
+    def patch_status(self, owner: Owner, status: dict[str, Any], resource_version: str | None = None) -> str:
+        """Write status whole. With `resource_version` the write is conditional: the API server answers
+        409 Conflict (KubeApiError) when the object changed since (optimistic concurrency).
+        Returns the object's new resourceVersion."""
         path = f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{owner.namespace}/{names.PLURAL}/{owner.name}/status"
-        self.api.request("PATCH", path, {"status": status}, MERGE)
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        done = self.api.request("PATCH", path, body, MERGE)
+        return str((done.get("metadata") or {}).get("resourceVersion") or "")
+
+    def get_owner(self, owner: Owner) -> dict[str, Any] | None:
+        """The HeliosDeployment as the API server has it now; None when it is gone."""
+        path = f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{owner.namespace}/{names.PLURAL}/{owner.name}"
+        try:
+            return self.api.request("GET", path)
+        except KubeApiError as err:
+            if err.status == 404:
+                return None
+            raise
