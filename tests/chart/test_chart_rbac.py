@@ -13,7 +13,7 @@ RULES_FILE = CHART / "files" / "rbac.yaml"
 # What the operator calls (kopf --standalone plus the kubernetes client), as (apiGroup, resource, verb).
 # (tests/operator/test_operator_rbac.py compares them with the calls a whole life cycle really makes)
 EXPECTED_NAMESPACED = {
-    *(("helios.dev", "heliosdeployments", v) for v in ("list", "watch", "patch")),
+    *(("helios.dev", "heliosdeployments", v) for v in ("get", "list", "watch", "patch")),
     ("helios.dev", "heliosdeployments/status", "patch"),
     ("helios.dev", "heliosdeployments/finalizers", "update"),  # blockOwnerDeletion on the children
     *(("apps", "deployments", v) for v in ("get", "list", "create", "patch", "delete")),

@@ -273,6 +273,9 @@ def _conclude_round(d: _Draft) -> None:
     if not profiles:
         why = f"round {d.status.profiling_round}: no candidate could be profiled (see the CandidateDropped events)"
         _event(d, "ProfilingTimedOut", why, "Warning")
+        if active is None and spec.mode != "active":  # advisory touches no worker: the same ones listen again
+            d.status = d.status.with_changes(round_dropped=(), profiling_since=cond.timestamp(d.inp.now))
+            return
         if active is None:  # nothing serves yet: profile again, a round at a time, until traffic comes
             _pending(d)
             return
