@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from helios_operator.cli import build_parser
 
 from helios_bench.engine_bench import CONTEXTS, EngineBenchOptions, HostReads, OpCounter, run_engine_bench
+from helios_cli.main import build_parser
 
 KEYS = (
     "flops_ratio",
