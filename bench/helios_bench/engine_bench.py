@@ -474,10 +474,20 @@ def _loader(directory: Path) -> Callable[[int | None], StackModel]:
 
 
 def run_engine_bench(options: EngineBenchOptions, print_line: Callable[[str], None] = print) -> dict[str, Any]:
+    """No autograd and the bench's thread count while it measures; both restored after (it also runs
+    inside other processes, such as the test suite)."""
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            return _run_engine_bench(options, print_line)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_engine_bench(options: EngineBenchOptions, print_line: Callable[[str], None]) -> dict[str, Any]:
     from helios_worker.models.cache import train_preset
 
     sources = [(name, train_preset(name)) for name in options.presets] + [(p.name, p) for p in options.models]
-    torch.set_grad_enabled(False)
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     results: dict[str, Any] = {

@@ -138,8 +138,11 @@ async def watched(event: Mapping[str, Any], loops: dict[tuple[str, str], ObjectL
         loop.task = asyncio.create_task(resync(loop, controller), name=f"resync {key[0]}/{key[1]}")
         loops[key] = loop
     else:  # the loop's body is live: replaced in place with the newest object
+        changed = (loop.body.get("metadata") or {}).get("generation") != meta.get("generation")
         loop.body.clear()
         loop.body.update(obj)
+        if changed:  # a spec change: reconcile the new body now, not at the next tick
+            controller.wakeup(*key).set()
 
 
 async def stop_loops(loops: dict[tuple[str, str], ObjectLoop]) -> None:

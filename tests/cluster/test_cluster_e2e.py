@@ -206,8 +206,8 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
 ) -> None:
     worker = status(kube)["active"]["worker"]
     kube.ns("scale", f"hd/{HD}", "--replicas=2")
+    wait_for("the Deployment at 2", lambda: kube.ns_json("get", "deployment", worker)["spec"]["replicas"] == 2, 60)
     kube.ns("rollout", "status", f"deployment/{worker}", f"--timeout={int(e2e.timeout_s)}s", timeout=e2e.timeout_s)
-    assert kube.ns_json("get", "deployment", worker)["spec"]["replicas"] == 2
     st = wait_for("status.readyReplicas 2", lambda: (s := status(kube)).get("readyReplicas") == 2 and s, timeout=60)
     assert st["active"]["worker"] == worker, "scaling must not switch workers"
     scale = json.loads(kube.ok("get", "--raw", f"/apis/{names.API_VERSION}/namespaces/{kube.namespace}/"

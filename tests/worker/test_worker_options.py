@@ -29,12 +29,14 @@ def test_the_engine_config_takes_every_option_the_engine_shares_by_name() -> Non
         max_batch=3,
         max_queue=9,
         max_context=128,
+        exit_layers=(),  # the worker's serving default: one exit head per token, at its depth
+        exit_max_batch=1,
         device="cuda:1",
         dtype="bfloat16",
     )
     # what the flags cannot set keeps the engine's own default
     unset = {f.name for f in fields(EngineConfig)} - {f.name for f in fields(WorkerOptions)} - {"confidence_threshold"}
-    assert unset == {"early_stop", "kv_budget_bytes", "cuda_graphs"}
+    assert unset == {"early_stop", "kv_budget_bytes", "cuda_graphs", "prefill_tokens", "ignore_eos"}
 
 
 def test_the_server_settings_name_the_candidate_and_carry_token_and_drain_timeout() -> None:

@@ -200,14 +200,14 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
 
 def check_options(options: WorkerOptions) -> WorkerOptions:
     """Cheap checks before loading; returns the options with the API token resolved. Raises OptionError."""
-    if not options.model.is_dir():
-        raise OptionError(f"--model {options.model}: not a directory")
-    if not (options.model / "config.json").is_file():
-        raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
     try:
         check_request(options.device, options.dtype)
     except PlacementError as error:
         raise OptionError(str(error)) from None
+    if not options.model.is_dir():
+        raise OptionError(f"--model {options.model}: not a directory")
+    if not (options.model / "config.json").is_file():
+        raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
     token = options.api_token
     if options.api_token_file is not None:
         try:

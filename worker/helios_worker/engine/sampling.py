@@ -35,7 +35,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     """One token per row of `logits` [B, vocab], with per-row temperature (> 0), top_p and uniform in [0, 1)."""
     scaled = logits.float()
     # Shift before scaling: a tiny temperature would otherwise overflow the logits to inf and softmax to NaN.
-    scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / temperature[:, None]
+    # A temperature below float32's range (5e-324) would be 0: floor it, which is greedy in effect.
+    floor = torch.finfo(torch.float32).tiny
+    scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / temperature.float().clamp_min(floor)[:, None]
     probs = torch.softmax(scaled, dim=-1)
     kept, order = top_p_filter(probs, top_p)
     cdf = kept.cumsum(dim=-1)
