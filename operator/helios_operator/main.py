@@ -21,6 +21,8 @@ def run_operator(ns: argparse.Namespace) -> int:
     settings = settings_from_namespace(ns)
     handlers.controls.settings = settings
     logging.basicConfig(level=settings.log_level)
+    for chatty in ("httpx", "httpcore"):  # a line per API request at debug: the operator's own lines drown
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     if settings.leader_election_lease:  # lead before kopf starts, answering the liveness probe meanwhile
         handlers.controls.lease = leader.wait_for_lease(settings.leader_election_lease, getattr(ns, "liveness", None))
     kopf.run(
