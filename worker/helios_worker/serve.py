@@ -27,6 +27,7 @@ DEFAULT_DEPLOYMENT = "local"
 DEFAULT_PORT = 8000
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+IMPORTED_SUFFIXES = (".gguf", ".whl")  # served after `helios import` (models/importing.py), cached
 
 log = logging.getLogger("helios.worker")
 
@@ -60,7 +61,7 @@ class WorkerOptions:
 
     @property
     def candidate_name(self) -> str:
-        return self.candidate or self.model.resolve().name
+        return self.candidate or (self.model.stem if self.model.is_file() else self.model.resolve().name)
 
 
 def _positive_int(text: str) -> int:
@@ -155,9 +156,11 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
 
 def check_options(options: WorkerOptions) -> WorkerOptions:
     """Cheap checks before loading; returns the options with the API token resolved. Raises OptionError."""
-    if not options.model.is_dir():
-        raise OptionError(f"--model {options.model}: not a directory")
-    if not (options.model / "config.json").is_file():
+    if options.model.is_file() and options.model.suffix in IMPORTED_SUFFIXES:
+        pass  # imported (cached) in build_app; a bad file is an OptionError there
+    elif not options.model.is_dir():
+        raise OptionError(f"--model {options.model}: not a directory (nor a .gguf file)")
+    elif not (options.model / "config.json").is_file():
         raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
     if not options.device.startswith(("cpu", "cuda")):
         raise OptionError(f"--device {options.device}: expected cpu or cuda[:N]")
@@ -187,6 +190,8 @@ def build_app(options: WorkerOptions) -> FastAPI:
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise OptionError(f"--device {options.device}: CUDA is not available here")
     dtype = getattr(torch, options.dtype)
+    if options.model.is_file():
+        options = replace(options, model=_imported(options.model), candidate=options.candidate_name)
     try:
         model = load_partial(options.model, options.layers, device=options.device, dtype=dtype)
     except ModelLoadError as error:
@@ -238,6 +243,15 @@ def build_app(options: WorkerOptions) -> FastAPI:
         "loaded %s: %d of %d layers on %s", identity.model, model.loaded_layers, model.model_layers, options.device
     )
     return create_app(engine, model.tokenizer, telemetry, settings)
+
+
+def _imported(file: Path) -> Path:
+    from helios_worker.models.importing import ImportFailed, import_checkpoint
+
+    try:
+        return import_checkpoint(file, log=log.info)
+    except ImportFailed as error:
+        raise OptionError(f"--model {error}") from None
 
 
 def _open_gpu(device: str) -> Any:

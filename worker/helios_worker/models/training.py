@@ -156,6 +156,7 @@ def train_model(
         "training_version": TRAINING_VERSION,
         "train_seconds": round(time.monotonic() - started, 1),
         "device": device.type,
+        "trained_exits": True,
         "exit_loss_weights": weights,
         "final_layer_losses": [round(x, 4) for x in per_layer],
     }
