@@ -50,7 +50,7 @@ def test_every_contract_metric_is_exposed_with_base_labels_before_any_traffic() 
         assert value(found, "helios_layer_agreement_total", layer=str(layer)) == 0
         assert value(found, "helios_depth_agreement_total", layer=str(layer)) == 0
     assert value(found, "helios_model_layers") == 4
-    assert value(found, "helios_worker_info", model="tiny-model", profile="true") == 1
+    assert value(found, "helios_worker_info", model="tiny-model", profile="true", exits="trained") == 1
 
 
 def test_observer_hooks_drive_the_series() -> None:

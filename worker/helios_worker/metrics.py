@@ -29,6 +29,7 @@ class WorkerIdentity:
     depth: int
     model: str
     profile: bool = False
+    exits: str = "trained"  # the worker_info label: trained | adapters | off | untrained
 
     @property
     def base_labels(self) -> dict[str, str]:
@@ -130,7 +131,7 @@ class WorkerMetrics:
         self._sizes[contract.MODEL_LAYERS.name].set(model_layers)
         self._sizes[contract.LOADED_LAYERS.name].set(identity.depth)
         info = gauge(contract.WORKER_INFO)
-        info.labels(**base, model=identity.model, profile=str(identity.profile).lower()).set(1)
+        info.labels(**base, model=identity.model, profile=str(identity.profile).lower(), exits=identity.exits).set(1)
 
         self.profiling = identity.profile
         if identity.profile:  # profiling series exist only on a profiling worker

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from helios_worker.engine.api import ConfidenceMeasure
 
@@ -27,6 +27,8 @@ DEFAULT_DEPLOYMENT = "local"
 DEFAULT_PORT = 8000
 DTYPES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ExitsMode = Literal["auto", "on", "off"]
+EXITS_OFF_THRESHOLD = 2.0  # above 1: never met, every token runs the whole loaded stack
 IMPORTED_SUFFIXES = (".gguf", ".whl")  # served after `helios import` (models/importing.py), cached
 
 log = logging.getLogger("helios.worker")
@@ -41,6 +43,7 @@ class WorkerOptions:
     model: Path
     layers: int | None = None  # None: every layer of the model
     threshold: float = 0.9
+    exits: ExitsMode = "auto"  # auto: on only when the checkpoint's exits were trained (models/metadata.py)
     profile: bool = False
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0: any free port (see port_file)
@@ -104,6 +107,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.threshold,
         help="exit when confidence reaches this, (0, 1]; 1 exits only on certainty",
     )
+    add(
+        "--exits",
+        choices=get_args(ExitsMode),
+        default=d.exits,
+        help="exits inside the stack; auto: on only for a checkpoint whose exits were trained (helios.json or "
+        "exit adapters), else every token runs the loaded stack",
+    )
     add("--profile", action="store_true", help="run at full depth and emit the profiling metrics")
     add("--host", default=d.host, help="address to listen on (0.0.0.0 in a pod)")
     add("--port", type=_port, default=d.port, help="0 picks a free port (see --port-file)")
@@ -134,6 +144,7 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
         model=args.model,
         layers=args.layers,
         threshold=args.threshold,
+        exits=args.exits,
         profile=args.profile,
         host=args.host,
         port=args.port,
@@ -184,6 +195,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
     from helios_worker.engine.engine import Engine
     from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics
     from helios_worker.models.loading import ModelLoadError, load_partial
+    from helios_worker.models.metadata import exits_kind
     from helios_worker.server.app import create_app
     from helios_worker.server.settings import ServerSettings
 
@@ -200,17 +212,26 @@ def build_app(options: WorkerOptions) -> FastAPI:
         depth, full = model.loaded_layers, model.model_layers
         log.warning("profiling at %d of %d layers: agreement is measured against layer %d", depth, full, depth)
 
+    kind = exits_kind(options.model)
+    exits_on = options.exits == "on" or (options.exits == "auto" and kind != "untrained")
+    exits_label = kind if exits_on else "off"
+    if exits_on:
+        log.info("exits inside the stack: on (%s exits), threshold %.3g", kind, options.threshold)
+    else:
+        why = "--exits off" if options.exits == "off" else "the checkpoint's exits are untrained"
+        log.info("exits inside the stack: off (%s); every token comes from layer %d", why, model.loaded_layers)
     identity = WorkerIdentity(
         deployment=options.deployment,
         candidate=options.candidate_name,
         depth=model.loaded_layers,
         model=options.model.resolve().name,
         profile=options.profile,
+        exits=exits_label,
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
     telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
     config = EngineConfig(
-        confidence_threshold=options.threshold,
+        confidence_threshold=options.threshold if exits_on else EXITS_OFF_THRESHOLD,
         confidence_measure=options.confidence_measure,
         breach_window=options.breach_window,
         profile=options.profile,
@@ -236,6 +257,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
         candidate=identity.candidate,
         depth=identity.depth,
         model_layers=model.model_layers,
+        exits=exits_label,
         api_token=options.api_token,
         drain_timeout_seconds=options.drain_timeout,
     )

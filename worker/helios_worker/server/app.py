@@ -190,7 +190,7 @@ def _add_v1_routes(app: FastAPI, state: WorkerState) -> None:
         card = ModelCard(
             id=s.model_name,
             created=state.created,
-            helios={"candidate": s.candidate, "depth": s.depth, "model_layers": s.model_layers},
+            helios={"candidate": s.candidate, "depth": s.depth, "model_layers": s.model_layers, "exits": s.exits},
         )
         return ModelList(data=[card]).model_dump()
 
