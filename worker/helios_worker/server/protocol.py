@@ -133,6 +133,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -140,6 +141,7 @@ class CompletionResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI's schema requires the key; this server never refuses in text
 
 
 class ChatChoice(BaseModel):
@@ -155,6 +157,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[ChatChoice]
     usage: Usage
 
@@ -177,6 +180,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

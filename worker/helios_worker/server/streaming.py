@@ -100,13 +100,23 @@ class CompletionView(_View):
             for r in sorted(results, key=lambda r: r.index)
         ]
         body = CompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=self.usage(results)
+            id=self.id,
+            created=self.created,
+            model=self.settings.model_name,
+            system_fingerprint=self.settings.system_fingerprint,
+            choices=choices,
+            usage=self.usage(results),
         )
         return body.model_dump()
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
         body = CompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=usage
+            id=self.id,
+            created=self.created,
+            model=self.settings.model_name,
+            system_fingerprint=self.settings.system_fingerprint,
+            choices=choices,
+            usage=usage,
         )
         return body.model_dump(exclude={"usage"} if usage is None else set())
 
@@ -133,13 +143,23 @@ class ChatView(_View):
             for r in sorted(results, key=lambda r: r.index)
         ]
         body = ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=self.usage(results)
+            id=self.id,
+            created=self.created,
+            model=self.settings.model_name,
+            system_fingerprint=self.settings.system_fingerprint,
+            choices=choices,
+            usage=self.usage(results),
         )
         return body.model_dump()
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
         body = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=usage
+            id=self.id,
+            created=self.created,
+            model=self.settings.model_name,
+            system_fingerprint=self.settings.system_fingerprint,
+            choices=choices,
+            usage=usage,
         )
         dumped = body.model_dump(exclude={"usage"} if usage is None else set())
         for choice in dumped["choices"]:  # OpenAI's deltas carry only what changed
