@@ -17,6 +17,14 @@ Runner = Callable[[argparse.Namespace], int]
 def _train(ns: argparse.Namespace) -> int:
     from helios_worker.models.cache import train_command
 
+    if ns.source is not None:  # exits trained into a checkpoint: models/exit_adapters.py
+        from helios_worker.models.exit_adapters import run_train_exits
+
+        return run_train_exits(Path(ns.source), Path(ns.out), ns.seed, ns.steps)
+    if ns.preset is None:
+        print("helios train: error: give --preset NAME, or --from DIR (exits into a checkpoint)", file=sys.stderr)
+        return 2
+
     path = train_command(ns.preset, Path(ns.out), seed=ns.seed, log=print)
     print(f"trained early-exit model ({ns.preset}, seed {ns.seed}) at {path}")
     return 0
@@ -32,9 +40,10 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "layers on data the project generates, and write an HF model directory. Results are cached, so a "
         "second call with the same preset and seed is instant.",
     )
+    p.add_argument("--from", dest="source", help="train exit adapters into this HF checkpoint (backbone frozen)")
+    p.add_argument("--steps", type=int, help="with --from: adapter training steps (default 300)")
     p.add_argument(
         "--preset",
-        required=True,
         choices=sorted(PRESETS),
         help="model size: " + "; ".join(f"{name}: {preset.description}" for name, preset in sorted(PRESETS.items())),
     )

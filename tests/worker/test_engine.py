@@ -272,10 +272,10 @@ class FailingExits(HFStack):
 
     failing: bool = False
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         if self.failing:
             raise RuntimeError("exit head failed")
-        return super().exit_logits(hidden)
+        return super().exit_logits(hidden, layer)
 
 
 def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_serves_on(llama: HFStack) -> None:

@@ -20,7 +20,7 @@ from helios_worker.engine.blocks import Family, Rope, attend
 from helios_worker.engine.confidence import confidence, exits_enabled
 from helios_worker.engine.kvcache import KVCache
 
-ExitHead = Callable[[torch.Tensor], torch.Tensor]  # hidden [B, hidden] -> logits [B, vocab]
+ExitHead = Callable[[torch.Tensor, int], torch.Tensor]  # hidden [B, hidden], 1-based layer -> logits [B, vocab]
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ExitTracker:
         rule, last = self.rule, layer == self.layers
         if not (last or rule.profile or rule.exits):
             return
-        logits = self._head(h[:, -1])
+        logits = self._head(h[:, -1], layer)
         conf, greedy = confidence(logits, rule.measure)
         if rule.profile:
             self._layer_tokens.append(greedy)

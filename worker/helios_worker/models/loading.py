@@ -21,6 +21,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .adapter import AdapterError, ModelParts, parts_of
 from .checkpoint import CheckpointError, open_checkpoint
+from .exit_adapters import ExitAdapters
+from .metadata import EXIT_ADAPTERS_FILE
 
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer, cut with the layers
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text", "rembert"}
@@ -42,6 +44,7 @@ class PartialModel:
     model_layers: int
     loaded_layers: int
     read_keys: tuple[str, ...] = field(default=(), repr=False)  # checkpoint tensors actually read
+    exit_adapters: ExitAdapters | None = None  # trained translators for layers 1..loaded (models.exit_adapters)
     _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
     @property
@@ -71,8 +74,11 @@ class PartialModel:
     def embed_tokens(self) -> nn.Module:
         return self.parts.embed_tokens
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of an exit at any layer: the model's own final norm, then its LM head."""
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Logits of an exit at 1-based `layer`: its exit adapter where one was trained, then the
+        model's own final norm and LM head (without a layer, the plain logit lens)."""
+        if layer is not None and self.exit_adapters is not None:
+            hidden = self.exit_adapters.translate(hidden, layer)
         return self.parts.exit_logits(hidden)
 
     def resident_weight_bytes(self) -> int:
@@ -234,7 +240,19 @@ def load_partial(
             if buffer is not None:
                 module._buffers[key] = buffer.to(target)
     model.eval()
+    adapters_file = directory / EXIT_ADAPTERS_FILE
+    try:  # only the loaded layers' adapters are read
+        adapters = (
+            ExitAdapters.load(adapters_file, depth, device=target, dtype=dtype) if adapters_file.is_file() else None
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{adapters_file}: cannot read the exit adapters: {error}") from error
+    if adapters is not None and adapters.down.shape[-1] != config.hidden_size:
+        raise ModelLoadError(
+            f"{adapters_file}: adapters for hidden size {adapters.down.shape[-1]}, not {config.hidden_size}"
+        )
     partial = PartialModel(
+        exit_adapters=adapters,
         path=directory,
         family=str(config.model_type),
         hf_model=model,
