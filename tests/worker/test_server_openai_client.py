@@ -8,6 +8,7 @@ choice.logprobs) a default, so their presence on the wire is asserted on the raw
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,45 @@ def test_raw_bodies_validate_against_the_schema_types_and_carry_its_nullable_req
     chunks = _events(httpx.post(f"{base_url}/v1/completions", json={**completion, "stream": True}).text)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     Completion.model_validate(chunks[-1])
+
+
+def test_chat_logprobs_through_the_official_client_are_the_exit_layers_distribution(client: Any) -> None:
+    answer = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "copy abc"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = answer.choices[0].logprobs.content
+    confidences = answer.choices[0].helios["confidences"]
+    assert len(content) == len(confidences) >= 1
+    for token, confidence in zip(content, confidences, strict=True):
+        assert len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob >= token.top_logprobs[2].logprob
+        # Greedy: the emitted token is the exit layer's most likely one, whose probability is the confidence.
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob)
+        assert math.exp(token.logprob) == pytest.approx(confidence, abs=1e-4)
+        assert bytes(token.bytes).decode() == token.token
+
+
+def test_completion_logprobs_streamed_and_whole_agree(base_url: str) -> None:
+    body = {"prompt": "12+7=", "max_tokens": 3, "temperature": 0, "logprobs": 2}
+    whole = httpx.post(f"{base_url}/v1/completions", json=body).json()
+    Completion.model_validate(whole)
+    logprobs = whole["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 3
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0
+    chunks = _events(httpx.post(f"{base_url}/v1/completions", json={**body, "stream": True}).text)
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"] is not None]
+    assert [s["token_logprobs"][0] for s in streamed] == pytest.approx(logprobs["token_logprobs"])
+    assert [s["text_offset"][0] for s in streamed] == logprobs["text_offset"]
+
+
+def test_logprobs_are_null_unless_asked_and_top_logprobs_need_logprobs(base_url: str) -> None:
+    chat = {"messages": [{"role": "user", "content": "copy abc"}], "max_tokens": 2, "temperature": 0}
+    assert httpx.post(f"{base_url}/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"] is None
+    refused = httpx.post(f"{base_url}/v1/chat/completions", json={**chat, "top_logprobs": 2})
+    assert refused.status_code == 400 and "top_logprobs requires logprobs" in refused.text

@@ -33,7 +33,7 @@ from helios_worker.engine.confidence import BreachWindow, agreement
 from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.rows import Event, Row, Sink
-from helios_worker.engine.sampling import choose_tokens, make_generator
+from helios_worker.engine.sampling import choose_tokens, make_generator, token_logprobs
 from helios_worker.engine.static import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -341,6 +341,7 @@ class Engine:
         params = [r.request.sampling for r in rows]
         generators = [r.generator if isinstance(r.generator, torch.Generator) else None for r in rows]
         tokens = choose_tokens(result.logits, result.greedy, params, generators)
+        logprobs = token_logprobs(result.logits, tokens, params)
         exit_layers = result.exit_layer.tolist()
         first_confident = result.first_confident.tolist()
         confidences = result.confidence.tolist()
@@ -350,7 +351,7 @@ class Engine:
             breach = first_confident[i] > self.layers
             self._window.record(breach)
             text, reason = row.advance(tokens[i], tokens[i] in self._eos)
-            row.sink(TokenEvent(tokens[i], text, exit_layers[i], confidences[i], breach))
+            row.sink(TokenEvent(tokens[i], text, exit_layers[i], confidences[i], breach, *logprobs[i]))
             observer = self.observer
             if observer is not None:
                 observer.on_token(exit_layers[i], breach, self._window.ratio, self._window.tokens)

@@ -55,3 +55,26 @@ def choose_tokens(
         if g is not None:
             tokens[row] = sample_row(logits[row], p, g)
     return tokens
+
+
+Logprobs = tuple[float | None, tuple[tuple[int, float], ...]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[Logprobs]:
+    """Per row, the chosen token's log-probability under the exit layer's logits and the top
+    `params.logprobs` tokens; (None, ()) for rows that did not ask. Computed only when one did."""
+    asked = [p.logprobs for p in params]
+    if all(k is None for k in asked):
+        return [(None, ())] * len(tokens)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    top = max(k or 0 for k in asked)
+    values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    out: list[Logprobs] = []
+    for row, k in enumerate(asked):
+        if k is None:
+            out.append((None, ()))
+        else:
+            pairs = tuple(zip(ids[row, :k].tolist(), values[row, :k].tolist(), strict=True))
+            out.append((chosen[row], pairs))
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from helios_worker.engine.api import Finished, TokenEvent
@@ -19,9 +19,13 @@ from helios_worker.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     HeliosChoiceInfo,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from helios_worker.server.serving import ChoiceResult, ChoiceStream, choice_info, merge, usage_counts
@@ -40,11 +44,48 @@ def finish_reason(finished: Finished) -> str:
 
 
 class _View:
-    def __init__(self, request_id: str, created: int, settings: ServerSettings, n: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        settings: ServerSettings,
+        n: int,
+        token_text: Callable[[int], str] = str,
+    ) -> None:
         self.id = request_id
         self.created = created
         self.settings = settings
         self.n = n
+        self.token_text = token_text  # a token id as text, for logprobs
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def chat_logprobs(self, tokens: Sequence[TokenEvent]) -> ChatLogprobs | None:
+        """Logprobs at each token's exit layer; None unless the request asked for them."""
+        if not tokens or tokens[0].logprob is None:
+            return None
+        content = []
+        for t in tokens:
+            top = [self._top(i, lp) for i, lp in t.top_logprobs]
+            chosen = self._top(t.token_id, t.logprob or 0.0)
+            content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    def completion_logprobs(self, tokens: Sequence[TokenEvent], offset: int = 0) -> CompletionLogprobs | None:
+        if not tokens or tokens[0].logprob is None:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+        return CompletionLogprobs(
+            tokens=[self.token_text(t.token_id) for t in tokens],
+            token_logprobs=[t.logprob or 0.0 for t in tokens],
+            top_logprobs=[{self.token_text(i): lp for i, lp in t.top_logprobs} for t in tokens],
+            text_offset=offsets,
+        )
 
     def info(self, tokens: Sequence[TokenEvent]) -> HeliosChoiceInfo:
         return choice_info(tokens, self.settings.depth, self.settings.candidate)
@@ -94,9 +135,21 @@ class _View:
 
 
 class CompletionView(_View):
+    _offsets: dict[int, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._offsets = {}  # streaming: text emitted so far per choice, for text_offset
+
     def response(self, results: Sequence[ChoiceResult]) -> dict[str, Any]:
         choices = [
-            CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason, helios=self.result_info(r))
+            CompletionChoice(
+                index=r.index,
+                text=r.text,
+                logprobs=self.completion_logprobs(r.tokens),
+                finish_reason=r.finish_reason,
+                helios=self.result_info(r),
+            )
             for r in sorted(results, key=lambda r: r.index)
         ]
         body = CompletionResponse(
@@ -124,7 +177,12 @@ class CompletionView(_View):
         if isinstance(event, Finished):
             choice = CompletionChoice(index=index, text="", finish_reason=finish_reason(event), helios=self.info([]))
         else:
-            choice = CompletionChoice(index=index, text=event.text, finish_reason=None, helios=self.info([event]))
+            offset = self._offsets.get(index, 0)
+            self._offsets[index] = offset + len(event.text)
+            logprobs = self.completion_logprobs([event], offset)
+            choice = CompletionChoice(
+                index=index, text=event.text, logprobs=logprobs, finish_reason=None, helios=self.info([event])
+            )
         return self._chunk([choice])
 
     def usage_chunk(self, results: Sequence[ChoiceResult]) -> dict[str, Any]:
@@ -137,6 +195,7 @@ class ChatView(_View):
             ChatChoice(
                 index=r.index,
                 message=AssistantMessage(content=r.text),
+                logprobs=self.chat_logprobs(r.tokens),
                 finish_reason=r.finish_reason,
                 helios=self.result_info(r),
             )
@@ -177,7 +236,11 @@ class ChatView(_View):
             )
         else:
             choice = ChatChunkChoice(
-                index=index, delta=ChatDelta(content=event.text), finish_reason=None, helios=self.info([event])
+                index=index,
+                delta=ChatDelta(content=event.text),
+                logprobs=self.chat_logprobs([event]),
+                finish_reason=None,
+                helios=self.info([event]),
             )
         return self._chunk([choice])
 
