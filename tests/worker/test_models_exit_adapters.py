@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from safetensors import safe_open
+from tests.support.workers import serve_worker
 
 from helios_worker.engine.testing import random_model
 from helios_worker.models.adapter import parts_of
@@ -23,6 +25,7 @@ from helios_worker.models.exit_adapters import (
 from helios_worker.models.loading import load_partial
 from helios_worker.models.metadata import EXIT_ADAPTERS_FILE, exits_kind, read_metadata
 from helios_worker.models.prompts import HELD_OUT_PROMPTS, TRAIN_PROMPTS
+from helios_worker.serve import WorkerOptions
 
 LAYERS = 4
 QUICK = AdapterSettings(rank=8, steps=60, batch_tokens=64, top_k=4, random_tokens=32, lr=1e-2, max_new_tokens=8)
@@ -93,3 +96,13 @@ def test_the_partial_loader_uses_the_adapters_at_every_exit_below_the_last_layer
     assert not torch.allclose(partial.exit_logits(h, 1), plain)
     full = load_partial(trained)
     torch.testing.assert_close(full.exit_logits(h, LAYERS), full.exit_logits(h))
+
+
+def test_the_worker_serves_a_checkpoint_with_adapters_with_exits_on_and_says_so(trained: Path) -> None:
+    options = WorkerOptions(model=trained, candidate="adapted", max_context=64, max_batch=2, threshold=0.5)
+    with serve_worker(options) as url:
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["helios"]["exits"] == "adapters"
+        body = {"prompt": "copy abc", "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        assert len(answer["choices"][0]["helios"]["exit_layers"]) >= 1
+        assert 'exits="adapters"' in httpx.get(f"{url}/metrics").text
