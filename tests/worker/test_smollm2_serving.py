@@ -90,3 +90,13 @@ def test_chat_uses_the_models_own_template_with_the_system_message(served: tuple
     answer = _chat(url, messages, max_tokens=10)
     assert answer["usage"]["prompt_tokens"] == expected
     assert "Paris" in answer["choices"][0]["message"]["content"]
+
+
+def test_the_worker_serves_the_wheel_directly_through_the_cached_import(smollm2_wheel: Path, smollm2_dir: Path) -> None:
+    options = WorkerOptions(model=smollm2_wheel, max_context=128, max_batch=1)
+    with serve_worker(options) as url:
+        card = httpx.get(f"{url}/v1/models").json()["data"][0]
+        assert card["id"] == smollm2_wheel.stem and card["helios"]["exits"] == "off"
+        body = {"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}
+        text = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert text.strip().startswith("Paris")
