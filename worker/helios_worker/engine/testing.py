@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ class HFStack:
     def family(self) -> str:
         return str(self.hf_model.config.model_type)
 
-    @property
+    @cached_property
     def parts(self) -> ModelParts:
         return parts_of(self.hf_model)
 
