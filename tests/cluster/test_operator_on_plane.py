@@ -279,7 +279,13 @@ def test_of_two_operator_replicas_one_leads_and_the_other_takes_over_when_it_goe
     # The waiting replica, or the ReplicaSet's replacement of the first if it is quicker.
     holder = wait_for("another replica leading", taken_over, timeout=60, interval=1)
     pod = holder.rsplit("_", 1)[0]
-    assert "leading: holding the lease" in node.log_of(space.namespace, pod)
+    # The Lease is written a moment before the process logs that it leads: wait for the line.
+    wait_for(
+        "the new leader's log saying it leads",
+        lambda: "leading: holding the lease" in node.log_of(space.namespace, pod),
+        timeout=30,
+        interval=0.5,
+    )
     waited = space.ns_json("get", "pod", second)["status"]["containerStatuses"][0]
     assert waited["restartCount"] == 0, "a replica waiting for the lease still answers its liveness probe"
     space.ns("scale", f"deployment/{release}", "--replicas=1")
