@@ -14,6 +14,7 @@ restarts; here one object plays all three roles, so the same reconcile step can 
 - EmitEvent     -> an event log the demo shows.
 - EnsureMonitoring -> nothing: the runner scrapes the workers, or a LocalPrometheus reads
                    `endpoints()`.
+- EnsureDisruptionBudget -> nothing: no one evicts a local process.
 
 It implements the operator's `Platform` protocol, so the operator's own loop (controller.py) drives it.
 """

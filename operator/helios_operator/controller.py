@@ -20,6 +20,7 @@ from helios_operator.adapters.prometheus import PrometheusTelemetry, TelemetryPr
 from helios_operator.core import conditions, reconcile
 from helios_operator.core.types import (
     EmitEvent,
+    EnsureDisruptionBudget,
     EnsureMonitoring,
     HeliosSpec,
     Observed,
@@ -69,7 +70,10 @@ class Controller:
 
 def make_controller(settings: Settings, platform: Platform, telemetry: TelemetryProvider | None = None) -> Controller:
     provider = telemetry or PrometheusTelemetry(
-        settings.prometheus_url, timeout_s=settings.query_timeout_s, stale_after_s=settings.stale_after_s
+        settings.prometheus_url,
+        timeout_s=settings.query_timeout_s,
+        stale_after_s=settings.stale_after_s,
+        monitor_labels=tuple(sorted(settings.monitor_labels.items())),
     )
     return Controller(settings=settings, platform=platform, telemetry=provider)
 
@@ -262,6 +266,7 @@ async def _reconcile(
     changes: tuple[PlatformAction, ...] = (
         *(a for a in result.actions if not isinstance(a, EmitEvent)),
         EnsureMonitoring(),
+        EnsureDisruptionBudget(),
     )
     new_status = result.status
     outcome = "ok"

@@ -55,7 +55,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     elif ours.leader_election_lease:  # kopf runs no handler until every startup handler returns
         memo.leader = await leader.lead(ours.leader_election_lease)
     settings.posting.level = logging.WARNING  # kopf's own log-to-Event posting: warnings only
-    platform = KubernetesPlatform(service_monitors=ours.service_monitors)
+    platform = KubernetesPlatform(service_monitors=ours.service_monitors, monitor_labels=ours.monitor_labels)
     memo.controller = controller.make_controller(ours, platform, controls.telemetry)
     memo.loops = {}
     memo.metrics_server = metrics.serve(ours.metrics_port, ours.metrics_host)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -46,7 +47,12 @@ class Settings:
     metrics_port: int = _setting(8081, "port of the operator's own /metrics (helios_operator_*); 0 turns it off")
     metrics_host: str = _setting("0.0.0.0", "address the operator's /metrics listens on")
     service_monitors: bool = _setting(
-        False, "create a ServiceMonitor per HeliosDeployment where the Prometheus operator's CRD is installed"
+        True, "create a ServiceMonitor per HeliosDeployment where the Prometheus operator's CRD is installed"
+    )
+    service_monitor_labels: tuple[str, ...] = _setting(
+        (),
+        "comma-separated key=value labels on the ServiceMonitors the operator creates, for the cluster's"
+        " Prometheus to select them (kube-prometheus-stack: release=<its release>)",
     )
     leader_election_lease: str = _setting(
         "", "namespace/name of a Lease: act only while holding it (one acting operator of many); empty: off"
@@ -72,11 +78,29 @@ class Settings:
         lease = self.leader_election_lease
         if lease and (lease.count("/") != 1 or not all(lease.split("/"))):
             problems.append(f"leader_election_lease must be namespace/name, got {lease!r}")
+        bad_labels = [kv for kv in self.service_monitor_labels if not _label_pair(kv)]
+        if bad_labels:
+            problems.append(f"service_monitor_labels must be key=value pairs, got {bad_labels}")
         if any(not ns.strip() for ns in self.namespaces):
             problems.append(f"namespaces must not hold empty names, got {list(self.namespaces)}")
         if problems:
             raise SettingsError("; ".join(problems))
         return self
+
+    @property
+    def monitor_labels(self) -> dict[str, str]:
+        """service_monitor_labels as a mapping."""
+        return dict(kv.split("=", 1) for kv in self.service_monitor_labels)
+
+
+def _label_pair(text: str) -> bool:
+    key, sep, value = text.partition("=")
+    return bool(sep and _LABEL_KEY.fullmatch(key) and _LABEL_VALUE.fullmatch(value))
+
+
+# Kubernetes' label syntax: an optional DNS-subdomain prefix, a name of at most 63; values alike or empty.
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 
 def env_name(field_name: str) -> str:

@@ -26,6 +26,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "prometheusRule": {"enabled": True},
     },
     "namespaced": {"watchNamespaces": ["team-a", "team-b"], "serviceMonitor": {"enabled": True}},
+    "monitors-off": {"serviceMonitor": {"enabled": False}},
     "custom": {
         "image": {"repository": "registry.example.com/ml/helios-operator", "tag": "1.2.3", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "registry-creds"}],

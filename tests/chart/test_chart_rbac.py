@@ -19,9 +19,10 @@ EXPECTED_NAMESPACED = {
     *(("apps", "deployments", v) for v in ("get", "list", "create", "patch", "delete")),
     *(("", "services", v) for v in ("get", "list", "create", "patch")),  # deleted by garbage collection
     ("", "pods", "list"),
-    ("", "events", "create"),
+    *(("", "events", v) for v in ("create", "list")),  # list: FailedAttachVolume (Multi-Attach)
+    *(("policy", "poddisruptionbudgets", v) for v in ("get", "create", "patch")),
 }
-EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create")}
+EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "patch")}
 EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {
     ("", "nodes", "list")  # the GPU supply
 }
@@ -67,7 +68,8 @@ def test_no_wildcards_secrets_pod_access_peering_or_escalation_anywhere(value_se
 def test_all_namespaces_mode_uses_cluster_roles_rendered_from_the_file() -> None:
     docs = manifests("defaults")
     rules = _file()
-    assert _triples(one(docs, "ClusterRole", RELEASE)["rules"]) == _triples(rules["namespaced"])
+    namespaced = _triples(rules["namespaced"]) | _triples(rules["serviceMonitor"])  # serviceMonitor.enabled: auto
+    assert _triples(one(docs, "ClusterRole", RELEASE)["rules"]) == namespaced
     # cluster-wide, kopf watches every namespace's objects with one request: no namespace scanning
     assert _triples(one(docs, "ClusterRole", f"{RELEASE}-cluster")["rules"]) == _triples(rules["cluster"])
     # the only Role: the leader-election Lease in the release namespace
@@ -79,9 +81,12 @@ def test_all_namespaces_mode_uses_cluster_roles_rendered_from_the_file() -> None
     assert _triples(roles[0]["rules"]) == EXPECTED_LEADER
 
 
-def test_service_monitor_rights_come_only_with_service_monitors() -> None:
-    assert not EXPECTED_SERVICE_MONITOR & _triples(one(manifests("defaults"), "ClusterRole", RELEASE)["rules"])
+def test_service_monitor_rights_come_unless_service_monitors_are_off() -> None:
+    """auto (the default) grants them: the operator creates ServiceMonitors wherever the CRD appears."""
+    off = manifests("monitors-off")
+    assert not EXPECTED_SERVICE_MONITOR & _triples(one(off, "ClusterRole", RELEASE)["rules"])
     assert _triples(one(manifests("monitoring"), "ClusterRole", RELEASE)["rules"]) >= EXPECTED_SERVICE_MONITOR
+    assert _triples(one(manifests("defaults"), "ClusterRole", RELEASE)["rules"]) >= EXPECTED_SERVICE_MONITOR
 
 
 def test_namespaced_mode_grants_a_role_per_watched_namespace_and_no_cluster_wide_write() -> None:

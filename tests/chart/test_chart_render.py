@@ -125,8 +125,9 @@ def test_the_operator_accepts_the_rendered_args_and_environment(value_set: str) 
     assert settings.worker_image == values["workerImage"]
     assert settings.log_level == values["logLevel"].upper()
     assert settings.metrics_port == values["metricsPort"]
-    monitors = helm.Chart.load(str(CHART)).merge_values(VALUE_SETS[value_set])["serviceMonitor"]["enabled"]
-    assert settings.service_monitors is monitors
+    monitors = helm.Chart.load(str(CHART)).merge_values(VALUE_SETS[value_set])["serviceMonitor"]
+    assert settings.service_monitors is (monitors["enabled"] is not False)  # auto: wherever the CRD is
+    assert settings.monitor_labels == monitors["labels"]
 
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
@@ -149,7 +150,8 @@ def test_chart_defaults_equal_the_operators_own_defaults() -> None:
     assert settings.prometheus_url == Settings().prometheus_url
     assert settings.worker_image == Settings().worker_image
     assert settings.metrics_port == Settings().metrics_port == values_metrics_port()
-    assert settings.service_monitors is False
+    assert settings.service_monitors is Settings().service_monitors is True
+    assert settings.service_monitor_labels == Settings().service_monitor_labels == ()
     assert settings.log_level == Settings().log_level
 
 
@@ -158,8 +160,10 @@ def test_operator_settings_reach_the_helios_environment() -> None:
     assert env["HELIOS_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
     assert env["HELIOS_LOG_LEVEL"] == "info"
     assert env["HELIOS_METRICS_PORT"] == "8081"
-    assert env["HELIOS_SERVICE_MONITORS"] == "false"
+    assert env["HELIOS_SERVICE_MONITORS"] == "true"  # auto
+    assert _env("monitors-off")["HELIOS_SERVICE_MONITORS"] == "false"
     assert _env("monitoring")["HELIOS_SERVICE_MONITORS"] == "true"
+    assert _env("monitoring")["HELIOS_SERVICE_MONITOR_LABELS"] == "release=kube-prometheus-stack"
     custom = _env("custom")
     assert custom["HELIOS_PROMETHEUS_URL"] == "https://prom.example.com"
     assert custom["HELIOS_WORKER_IMAGE"] == "registry.example.com/ml/w:1.2.3"

@@ -42,6 +42,10 @@ NOT_EXERCISED: dict[Triple, str] = {
         )
         for verb in ("get", "create", "update")
     },
+    ("", "events", "list"): (
+        "read only while a worker pod waits for its volumes (Multi-Attach); no pod waits in the harness"
+        " (tests/operator/test_kubernetes_pods.py reads such an Event)"
+    ),
     ("helios.dev", "heliosdeployments/finalizers", "update"): (
         "no call: OwnerReferencesPermissionEnforcement checks it when a child with blockOwnerDeletion is "
         "created (tests/cluster/test_operator_on_plane.py proves it on a real API server)"
@@ -92,6 +96,18 @@ def test_the_charts_rules_allow_every_call_the_operator_makes_and_hold_nothing_u
     st = cluster.wait_for("serving", lambda: _serving(cluster))
     monitors = cluster.items(f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors")
     assert [m["metadata"]["ownerReferences"][0]["uid"] for m in monitors] == [uid]
+    # Objects the operator owns are brought back when edited (the update path: patch).
+    monitor = f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors/{monitors[0]['metadata']['name']}"
+    budget = f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{HD}-serving"
+    cluster.patch(monitor, {"spec": {"endpoints": [{"port": "other"}]}})
+    cluster.patch(budget, {"spec": {"maxUnavailable": 3}})
+    cluster.wait_for(
+        "edited ServiceMonitor and PodDisruptionBudget restored",
+        lambda: (
+            (cluster.get(monitor) or {})["spec"]["endpoints"][0]["port"] == names.WORKER_PORT_NAME
+            and (cluster.get(budget) or {})["spec"]["maxUnavailable"] == 1
+        ),
+    )
     cluster.patch(cluster.hd_path(NS, HD), {"spec": {"replicas": 2}})  # the scale path: a Deployment patch
     cluster.wait_for("scaled", lambda: _workers(cluster)[st["active"]["worker"]]["spec"]["replicas"] == 2)
     cluster.delete(cluster.hd_path(NS, HD))

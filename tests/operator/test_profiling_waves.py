@@ -201,3 +201,18 @@ def test_without_a_gpu_supply_every_candidate_is_profiled_at_once() -> None:
     p = GpuPlatform(gpus=8, report_supply=False)
     p.settle()
     assert sum(w.role == "profile" for w in p.workers.values()) == 3
+
+
+def test_replicas_the_nodes_gpus_cannot_hold_are_said_in_a_condition() -> None:
+    """Before any pod waits (profiling holds fewer GPUs than serving will), the condition says that
+    spec.replicas will not fit, and how many do."""
+    p = GpuPlatform(spec=replace(THREE, replicas=4), gpus=3)
+    p.settle()
+    assert not [w for w in p.observed().workers if w.unschedulable]
+    c = p.status.condition("CapacityAvailable")
+    assert c is not None and (c.status, c.reason) == ("False", "ReplicasExceedGpus")
+    assert "= 4, but the schedulable nodes have 3: 3 replica(s) fit" in c.message
+    p.gpus = 8  # a node was added
+    p.settle()
+    c = p.status.condition("CapacityAvailable")
+    assert c is not None and (c.status, c.reason) == ("True", "AllPlaced")

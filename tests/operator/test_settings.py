@@ -69,6 +69,15 @@ def test_metrics_port_and_service_monitors_are_read_typed_and_checked() -> None:
         load_settings([], {"HELIOS_SERVICE_MONITORS": "maybe"})
 
 
+def test_service_monitor_labels_are_key_value_pairs_a_label_selector_can_match() -> None:
+    s = load_settings([], {"HELIOS_SERVICE_MONITOR_LABELS": "release=kube-prometheus-stack, team=ml"})
+    assert s.monitor_labels == {"release": "kube-prometheus-stack", "team": "ml"}
+    assert load_settings([], {}).monitor_labels == {}
+    for bad in ("release", "=x", "a b=c", "release=not valid"):
+        with pytest.raises(SettingsError, match="service_monitor_labels must be key=value"):
+            load_settings([], {"HELIOS_SERVICE_MONITOR_LABELS": bad})
+
+
 def test_a_spec_without_an_image_runs_the_operators_worker_image() -> None:
     from helios_operator.controller import read_spec
 

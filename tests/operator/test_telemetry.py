@@ -14,7 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helios_operator.adapters.prometheus import Sample, build_snapshot, query_prometheus, scrape_workers
+from helios_operator.adapters.prometheus import (
+    PrometheusTelemetry,
+    Sample,
+    build_snapshot,
+    query_prometheus,
+    scrape_workers,
+)
+from helios_operator.core.types import HeliosSpec
 from helios_worker import contract as c
 
 from .metrics_support import ContractExporter, FakeProfile
@@ -195,9 +202,17 @@ async def test_prometheus_without_series_is_missing() -> None:
     server = _BadServer(200, body, 0.0, "application/json")
     try:
         snap = await query_prometheus(server.url, "demo", timeout_s=1.0)
+        spec = HeliosSpec.from_dict({"candidates": [{"name": "a", "model": "/m"}], "prometheus": {"url": server.url}})
+        told = await PrometheusTelemetry("http://unused:9090", monitor_labels=(("release", "kps"),))(
+            "team", "demo", spec
+        )
     finally:
         server.close()
     assert snap.reason == "Missing"
+    # What `kubectl describe hd` then says: which ServiceMonitor to select, by which labels, or the plain path.
+    assert told.reason == "Missing" and told.message.startswith(snap.message)
+    assert "ServiceMonitor team/demo-workers (labels" in told.message and "release=kps" in told.message
+    assert "prometheus.io/scrape" in told.message
 
 
 def _sample(name: str, value: float, ts: float, **labels: str) -> Sample:

@@ -46,7 +46,7 @@ app.kubernetes.io/part-of: helios
 {{- define "helios.namespacedRules" -}}
 {{- $rules := .Files.Get "files/rbac.yaml" | fromYaml }}
 {{- $out := $rules.namespaced }}
-{{- if .Values.serviceMonitor.enabled }}
+{{- if eq (include "helios.workerMonitors" .) "true" }}
 {{- $out = concat $out $rules.serviceMonitor }}
 {{- end }}
 {{- toYaml $out }}
@@ -59,4 +59,25 @@ app.kubernetes.io/part-of: helios
 {{- $out = concat $out $rules.namespaceScanning }}
 {{- end }}
 {{- toYaml $out }}
+{{- end }}
+
+{{/* serviceMonitor.enabled is true, false or auto. The operator makes the workers' ServiceMonitors
+unless it is false (it looks for the CRD itself, so one installed later is found); the chart's own
+ServiceMonitor needs the CRD now: true, or auto where the API server serves it. */}}
+{{- define "helios.workerMonitors" -}}
+{{- ne (toString .Values.serviceMonitor.enabled) "false" }}
+{{- end }}
+
+{{- define "helios.ownMonitor" -}}
+{{- $mode := toString .Values.serviceMonitor.enabled }}
+{{- or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor")) }}
+{{- end }}
+
+{{/* serviceMonitor.labels as the operator's HELIOS_SERVICE_MONITOR_LABELS (key=value,...). */}}
+{{- define "helios.monitorLabels" -}}
+{{- $pairs := list }}
+{{- range $k, $v := .Values.serviceMonitor.labels }}
+{{- $pairs = append $pairs (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}

@@ -5,8 +5,8 @@ from the official `kubernetes` client's configuration (kubeconfig or in-cluster)
 JSON over HTTP: the manifests come from `resources` as dicts, and newer clients validate bodies
 against their own models (rejecting, e.g., an integer GPU quantity the API server accepts).
 
-Children are found by label on the client side (some API servers — and the test emulator — ignore
-label selectors; a real one honours them, which only makes the list shorter).
+Children are listed with a label selector (the API server sends only this HeliosDeployment's) and
+checked by label again on this side (the test emulator ignores selectors).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from helios_operator.core.types import (
     GPU_RESOURCE,
     DeleteWorker,
     EmitEvent,
+    EnsureDisruptionBudget,
     EnsureMonitoring,
     EnsureWorker,
     HeliosSpec,
@@ -102,14 +103,28 @@ def _services(namespace: str, name: str = "") -> str:
     return f"/api/v1/namespaces/{namespace}/services" + (f"/{name}" if name else "")
 
 
+def _budgets(namespace: str, name: str = "") -> str:
+    return f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets" + (f"/{name}" if name else "")
+
+
+def _of_owner(collection: str, owner_name: str) -> str:
+    """A list of only the HeliosDeployment's children (by the label every child carries)."""
+    return f"{collection}?labelSelector={quote(names.LABEL_DEPLOYMENT)}%3D{quote(owner_name)}"
+
+
 def _pods(namespace: str, owner_name: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/pods?labelSelector={quote(names.LABEL_DEPLOYMENT)}%3D{quote(owner_name)}"
+    return _of_owner(f"/api/v1/namespaces/{namespace}/pods", owner_name)
+
+
+def _attach_failures(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/events?fieldSelector=reason%3D{ATTACH_FAILED}"
 
 
 def _service_monitors(namespace: str, name: str = "") -> str:
     return f"/apis/monitoring.coreos.com/v1/namespaces/{namespace}/servicemonitors" + (f"/{name}" if name else "")
 
 
+ATTACH_FAILED = "FailedAttachVolume"  # the attach/detach controller's Event reason, Multi-Attach among them
 SERVICE_MONITOR_CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com"
 NODES_RECHECK_S = 30.0  # how long the nodes' GPU supply is believed
 CRD_RECHECK_S = 300.0  # how long the presence (or absence) of the ServiceMonitor CRD is believed
@@ -203,13 +218,43 @@ def pod_scheduled_at(pod: Mapping[str, Any]) -> float | None:
     return _epoch(condition.get("lastTransitionTime"))
 
 
+def pod_creating(pod: Mapping[str, Any]) -> bool:
+    """Placed, but a container still waits to be created (volumes are attached and mounted first)."""
+    if pod_scheduled_at(pod) is None:
+        return False
+    status = pod.get("status") or {}
+    statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    waiting = {((cs.get("state") or {}).get("waiting") or {}).get("reason") for cs in statuses}
+    return not statuses or bool(waiting & {"ContainerCreating", "PodInitializing"})
+
+
+def attach_failure(event: Mapping[str, Any]) -> tuple[str, str]:
+    """A FailedAttachVolume Event -> (Degraded reason, message): a ReadWriteOnce claim already
+    attached to another node (Multi-Attach) has a reason of its own, since it never resolves alone."""
+    message = _error_line(event.get("message")) or "a volume cannot be attached"
+    return ("VolumeMultiAttach" if "Multi-Attach" in message else "VolumeAttachFailed"), message
+
+
+def deployment_blocked(deployment: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A worker Deployment whose ReplicaSet cannot create pods (a ResourceQuota, an admission
+    webhook, a LimitRange): (Degraded reason, the API server's words), None if pods can be made."""
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            message = _error_line(condition.get("message")) or "pods cannot be created"
+            reason = "QuotaExceeded" if "exceeded quota" in message else "PodsNotCreated"
+            return reason, f"pods cannot be created: {message}"
+    return None
+
+
 @dataclass
 class PodStates:
     """What a worker's pods say, beyond its Deployment's counts."""
 
     failure: str | None = None
+    failure_reason: str = "WorkerFailed"
     unschedulable: str | None = None
     scheduled_at: float | None = 0.0  # the latest placement; None once any pod has no node
+    creating: tuple[str, ...] = ()  # pods placed but not started: where a volume may fail to attach
 
     def add(self, pod: Mapping[str, Any]) -> None:
         name = (pod.get("metadata") or {}).get("name", "?")
@@ -218,7 +263,27 @@ class PodStates:
             self.failure = f"pod {name}: {failure}"
         if self.unschedulable is None and waiting is not None:
             self.unschedulable = f"pod {name}: {waiting}"
+        if pod_creating(pod):
+            self.creating = (*self.creating, str(name))
         self.scheduled_at = None if placed is None or self.scheduled_at is None else max(self.scheduled_at, placed)
+
+    def fail(self, reason: str, message: str) -> None:
+        if self.failure is None:
+            self.failure, self.failure_reason = message, reason
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    return str(event.get("lastTimestamp") or event.get("eventTime") or "")
+
+
+def _holds(current: Any, wanted: Any) -> bool:
+    """Whether `current` already has every field of `wanted` (extra fields, defaulted by the API
+    server, do not count as a difference)."""
+    if isinstance(wanted, Mapping):
+        return isinstance(current, Mapping) and all(k in current and _holds(current[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(current, list) and len(current) == len(wanted) and all(map(_holds, current, wanted))
+    return bool(current == wanted)
 
 
 def gpu_supply(nodes: Mapping[str, Any]) -> int:
@@ -246,6 +311,10 @@ def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None
     role_: Role = "profile" if role == names.ROLE_PROFILE else "serve"
     spec = deployment.get("spec") or {}
     status = deployment.get("status") or {}
+    blocked = deployment_blocked(deployment)
+    if blocked is not None:  # no pod exists to say more; the Deployment's words are all there is
+        pods = pods or PodStates()
+        pods.fail(*blocked)
     return ObservedWorker(
         name=str(meta.get("name")),
         candidate=str(labels[names.LABEL_CANDIDATE]),
@@ -256,6 +325,7 @@ def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None
         ready_replicas=int(status.get("readyReplicas") or 0),
         created_at=_epoch(meta.get("creationTimestamp")),
         failure=pods.failure if pods else None,
+        failure_reason=pods.failure_reason if pods else "WorkerFailed",
         unschedulable=pods.unschedulable if pods else None,
         scheduled_at=pods.scheduled_at or None if pods else None,
         template=(meta.get("annotations") or {}).get(names.ANNOTATION_TEMPLATE),
@@ -265,9 +335,16 @@ def observed_worker(deployment: Mapping[str, Any], pods: PodStates | None = None
 class KubernetesPlatform:
     """Observe and act for HeliosDeployments through the Kubernetes API (the `Platform` protocol)."""
 
-    def __init__(self, api: KubeApi | None = None, *, service_monitors: bool = False) -> None:
+    def __init__(
+        self,
+        api: KubeApi | None = None,
+        *,
+        service_monitors: bool = False,
+        monitor_labels: Mapping[str, str] | None = None,
+    ) -> None:
         self.api = api or KubeApi()
         self.service_monitors = service_monitors  # create them where the Prometheus Operator's CRD is
+        self.monitor_labels = dict(monitor_labels or {})  # what the cluster's Prometheus selects them by
         self._crd_seen: tuple[float, bool] | None = None  # (checked at, present)
         self._crd_lock = threading.Lock()
         self._nodes_seen: tuple[float, int | None] | None = None  # (checked at, GPU supply)
@@ -295,7 +372,7 @@ class KubernetesPlatform:
     # -- observe
 
     def observe_now(self, owner: Owner) -> Observed:
-        deployments = self.api.request("GET", _deployments(owner.namespace))
+        deployments = self.api.request("GET", _of_owner(_deployments(owner.namespace), owner.name))
         pods = self._pod_states(owner)
         workers: list[ObservedWorker] = []
         for d in deployments.get("items") or []:
@@ -304,7 +381,7 @@ class KubernetesPlatform:
             w = observed_worker(d, pods.get(str((d.get("metadata") or {}).get("name"))))
             if w is not None:
                 workers.append(w)
-        services = self.api.request("GET", _services(owner.namespace))
+        services = self.api.request("GET", _of_owner(_services(owner.namespace), owner.name))
         pool: str | None = None
         for s in services.get("items") or []:
             if _owned_by(s, owner.name) and _service_kind(s) == names.SERVICE_STABLE:
@@ -324,6 +401,14 @@ class KubernetesPlatform:
             if labels.get(names.LABEL_DEPLOYMENT) != owner.name or not worker or meta.get("deletionTimestamp"):
                 continue
             states.setdefault(worker, PodStates()).add(pod)
+        creating = {pod: state for state in states.values() for pod in state.creating}
+        if creating:  # only then: a volume that cannot attach is said by an Event, not by the pod
+            events = self.api.request("GET", _attach_failures(owner.namespace)).get("items") or []
+            for event in sorted(events, key=_event_time, reverse=True):  # the newest word wins
+                state = creating.get(str((event.get("involvedObject") or {}).get("name")))
+                if state is not None:
+                    reason, message = attach_failure(event)
+                    state.fail(reason, f"pod {event['involvedObject']['name']}: {message}")
         return states
 
     def _gpu_supply(self) -> int | None:
@@ -361,18 +446,29 @@ class KubernetesPlatform:
             self._crd_seen = (time.monotonic(), present)
             return present
 
+    def ensure_disruption_budget(self, owner: Owner, manifest: dict[str, Any]) -> None:
+        self._ensure_object(owner, _budgets(owner.namespace), manifest)
+
     def _ensure_object(self, owner: Owner, collection: str, manifest: dict[str, Any]) -> None:
-        """Create the object if absent (owned by the HeliosDeployment); an existing one is left as it is."""
+        """Create the object if absent (owned by the HeliosDeployment); bring one we own back to the
+        manifest when its labels or spec drifted (an upgrade changed them, someone edited it). An
+        object of the same name that is not ours is left alone."""
         name = manifest["metadata"]["name"]
         try:
-            self.api.request("GET", f"{collection}/{name}")
-            return
+            current = self.api.request("GET", f"{collection}/{name}")
         except KubeApiError as err:
             if err.status != 404:
                 raise
-        manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
-        manifest["metadata"]["namespace"] = owner.namespace
-        self.api.request("POST", collection, manifest)
+            manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
+            manifest["metadata"]["namespace"] = owner.namespace
+            self.api.request("POST", collection, manifest)
+            return
+        if not _owned_by(current, owner.name):
+            log.warning("%s/%s exists and is not managed by %s: left as it is", owner.namespace, name, names.MANAGER)
+            return
+        wanted = {"metadata": {"labels": manifest["metadata"].get("labels") or {}}, "spec": manifest.get("spec") or {}}
+        if not _holds(current, wanted):  # a merge patch: fields the API server defaulted stay
+            self.api.request("PATCH", f"{collection}/{name}", wanted, MERGE)
 
     # -- act
 
@@ -396,8 +492,10 @@ class KubernetesPlatform:
                     self.ensure_monitoring(
                         owner,
                         manifests.metrics_service(owner.name, owner.namespace),
-                        manifests.service_monitor(owner.name, owner.namespace),
+                        manifests.service_monitor(owner.name, owner.namespace, extra_labels=self.monitor_labels),
                     )
+                elif isinstance(action, EnsureDisruptionBudget):
+                    self.ensure_disruption_budget(owner, manifests.disruption_budget(owner.name, owner.namespace))
             except (KubeApiError, httpx.HTTPError) as err:
                 raise PlatformError(f"{type(action).__name__} failed: {err}") from err
 

@@ -19,13 +19,13 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from helios_operator.core import names
+from helios_operator.core import manifests, names
 from helios_operator.core.types import CandidateProfile, HeliosSpec, TelemetrySnapshot, WorkerTelemetry
 from helios_worker import contract as c
 
@@ -319,15 +319,20 @@ class PrometheusTelemetry:
     timeout_s: float = 5.0
     stale_after_s: float = 120.0
     filter_namespace: bool = True  # Kubernetes targets carry `namespace`; static local targets may not
+    monitor_labels: tuple[tuple[str, str], ...] = ()  # on the operator's ServiceMonitors, named in the hint
 
     async def __call__(self, namespace: str, name: str, spec: HeliosSpec) -> TelemetrySnapshot:
-        return await query_prometheus(
+        snapshot = await query_prometheus(
             spec.prometheus_url or self.default_url,
             name,
             namespace=namespace if self.filter_namespace else None,
             timeout_s=self.timeout_s,
             stale_after_s=self.stale_after_s,
         )
+        if snapshot.reason != "Missing":
+            return snapshot
+        hint = manifests.scrape_hint(name, namespace, dict(self.monitor_labels))
+        return replace(snapshot, message=f"{snapshot.message}. {hint}")
 
 
 # ---------------------------------------------------------------------------------------------

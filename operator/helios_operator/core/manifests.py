@@ -6,6 +6,7 @@ otherwise the platform adopts the object (it knows the owner).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +56,7 @@ def _pool_labels(hd_name: str, pool: str) -> dict[str, str]:
 def worker_labels(hd_name: str, action: EnsureWorker) -> dict[str, str]:
     """Every label a worker Deployment and its pods carry; the platform observes workers by them."""
     return {
-        names.LABEL_APP: names.APP_NAME,
-        names.LABEL_MANAGED_BY: names.MANAGER,
-        names.LABEL_DEPLOYMENT: hd_name,
+        **_owned_labels(hd_name),
         names.LABEL_CANDIDATE: action.candidate,
         names.LABEL_DEPTH: str(action.depth),
         names.LABEL_ROLE: action.role,
@@ -207,13 +206,13 @@ def worker_deployment(
     }
 
 
+def _owned_labels(hd_name: str) -> dict[str, str]:
+    """What every object the operator makes for a HeliosDeployment carries (the platform finds them by it)."""
+    return {names.LABEL_APP: names.APP_NAME, names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_DEPLOYMENT: hd_name}
+
+
 def _service_labels(hd_name: str, kind: str) -> dict[str, str]:
-    return {
-        names.LABEL_APP: names.APP_NAME,
-        names.LABEL_MANAGED_BY: names.MANAGER,
-        names.LABEL_DEPLOYMENT: hd_name,
-        names.LABEL_SERVICE: kind,
-    }
+    return {**_owned_labels(hd_name), names.LABEL_SERVICE: kind}
 
 
 def _http_port() -> dict[str, Any]:
@@ -247,15 +246,26 @@ def metrics_service(hd_name: str, namespace: str, *, owner_uid: str | None = Non
     }
 
 
+def service_monitor_name(hd_name: str) -> str:
+    return names.dns_label(f"{hd_name}-workers")
+
+
 def service_monitor(
-    hd_name: str, namespace: str, *, owner_uid: str | None = None, settings: WorkerSettings = DEFAULT_SETTINGS
+    hd_name: str,
+    namespace: str,
+    *,
+    owner_uid: str | None = None,
+    settings: WorkerSettings = DEFAULT_SETTINGS,
+    extra_labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Prometheus Operator scrape config for every worker, through the headless metrics Service."""
-    labels = _service_labels(hd_name, names.SERVICE_METRICS)
+    """Prometheus Operator scrape config for every worker, through the headless metrics Service.
+    `extra_labels` are what the cluster's Prometheus selects ServiceMonitors by (kube-prometheus-stack:
+    `release: <its release>`); ours cannot be overridden by them."""
+    labels = {**(extra_labels or {}), **_service_labels(hd_name, names.SERVICE_METRICS)}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(names.dns_label(f"{hd_name}-workers"), namespace, labels, owner_uid, hd_name),
+        "metadata": _metadata(service_monitor_name(hd_name), namespace, labels, owner_uid, hd_name),
         "spec": {
             "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_SERVICE: names.SERVICE_METRICS}},
             "namespaceSelector": {"matchNames": [namespace]},
@@ -273,6 +283,42 @@ def service_monitor(
             ],
         },
     }
+
+
+def scrape_hint(hd_name: str, namespace: str, extra_labels: Mapping[str, str] | None = None) -> str:
+    """What a platform team sets when the workers' series never reach Prometheus (MetricsAvailable's
+    message, so `kubectl describe hd` says it)."""
+    labels = ", ".join(
+        f"{k}={v}"
+        for k, v in sorted({**(extra_labels or {}), **_service_labels(hd_name, names.SERVICE_METRICS)}.items())
+    )
+    return (
+        f"Prometheus must scrape the workers: with the Prometheus Operator, its serviceMonitorSelector (and"
+        f" serviceMonitorNamespaceSelector) must match ServiceMonitor {namespace}/{service_monitor_name(hd_name)}"
+        f" (labels {labels}; more through the chart's serviceMonitor.labels); with a plain Prometheus, a"
+        f" kubernetes_sd_configs pod job that keeps prometheus.io/scrape=true pods and relabels the pod label"
+        f" {names.LABEL_WORKER} into `{names.SERIES_WORKER}` (README: Prometheus)"
+    )
+
+
+def disruption_budget(hd_name: str, namespace: str, *, owner_uid: str | None = None) -> dict[str, Any]:
+    """At most one serving pod evicted at a time (a node drain, the cluster autoscaler's scale-down);
+    profiling workers are disposable and not covered. A pod that is not Ready may always go, so a
+    crashing worker never blocks a drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(disruption_budget_name(hd_name), namespace, _owned_labels(hd_name), owner_uid, hd_name),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {names.LABEL_DEPLOYMENT: hd_name, names.LABEL_ROLE: names.ROLE_SERVE}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def disruption_budget_name(hd_name: str) -> str:
+    return names.dns_label(f"{hd_name}-serving")
 
 
 def _pod_label_meta(label: str) -> str:

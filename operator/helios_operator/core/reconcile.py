@@ -14,6 +14,7 @@ from helios_operator.core import conditions as cond
 from helios_operator.core import names, policy
 from helios_operator.core.manifests import pool_selector
 from helios_operator.core.types import (
+    GPU_RESOURCE,
     MAX_DECISIONS,
     Action,
     CandidateProfile,
@@ -618,8 +619,19 @@ def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"]
 
 def _capacity_condition(d: _Draft) -> tuple[Literal["True", "False"], str, str]:
     """A pod that waits for a node is a wait of its own (a cluster autoscaler may be adding one),
-    not a failure; it says how long it may still wait."""
+    not a failure; it says how long it may still wait. Replicas the nodes' GPUs cannot hold are said
+    before any pod waits, so a platform team sees why the replica count will not be reached."""
     waiting = [w for w in d.inp.observed.workers if w.unschedulable is not None]
+    spec, supply = d.inp.spec, d.inp.observed.gpu_supply
+    wanted = spec.replicas * spec.worker.gpus_per_pod
+    if not waiting and supply is not None and wanted > supply:
+        fit = supply // spec.worker.gpus_per_pod
+        return (
+            "False",
+            "ReplicasExceedGpus",
+            f"spec.replicas {spec.replicas} x {spec.worker.gpus_per_pod} {GPU_RESOURCE} = {wanted}, but the"
+            f" schedulable nodes have {supply}: {fit} replica(s) fit until a node is added",
+        )
     if not waiting:
         return "True", "AllPlaced", "every worker pod has a node"
     limit = d.inp.spec.rollout.schedule_timeout_seconds
@@ -631,7 +643,8 @@ def _capacity_condition(d: _Draft) -> tuple[Literal["True", "False"], str, str]:
 
 
 def _worker_failed(workers: tuple[ObservedWorker, ...]) -> tuple[str, str] | None:
-    """A worker whose pods cannot start (crash at start, bad image, unschedulable), in the pod's words."""
+    """A worker whose pods cannot start (crash at start, bad image, a quota, a volume held elsewhere),
+    in the pod's words; the reason is the workers' own when they share one."""
     failed = [w for w in workers if w.failure]
     if not failed:
         return None
@@ -639,7 +652,8 @@ def _worker_failed(workers: tuple[ObservedWorker, ...]) -> tuple[str, str] | Non
     for w in failed:
         depth = f"{w.depth} layers" if w.depth > 0 else "full depth"
         parts.append(f"worker {w.name} ({w.candidate} at {depth}): {w.failure}")
-    return WORKER_FAILED, "; ".join(parts)[:1000]
+    reasons = {w.failure_reason for w in failed}
+    return (reasons.pop() if len(reasons) == 1 else WORKER_FAILED), "; ".join(parts)[:1000]
 
 
 def _announce_worker_failure(d: _Draft, status: Status) -> None:

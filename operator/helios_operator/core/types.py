@@ -335,6 +335,7 @@ class ObservedWorker:
     ready_replicas: int
     created_at: float  # epoch seconds
     failure: str | None = None  # a pod's container crashing or stuck, with the worker's own error line
+    failure_reason: str = "WorkerFailed"  # Degraded's reason for `failure`: QuotaExceeded, VolumeMultiAttach...
     unschedulable: str | None = None  # the scheduler's word while a pod waits for a node; None: placed or unknown
     scheduled_at: float | None = None  # epoch seconds its pods were all placed; None: not yet, or not reported
     template: str | None = None  # EnsureWorker.template it runs; None: not recorded (left as it is)
@@ -404,7 +405,13 @@ class EnsureMonitoring:
     workers through (a platform that has none, like the local one, does nothing)."""
 
 
-PlatformAction = Action | EnsureMonitoring
+@dataclass(frozen=True)
+class EnsureDisruptionBudget:
+    """The controller's own action after each step's changes: a PodDisruptionBudget over the serving
+    pods, so a drain evicts them one at a time (a platform without evictions does nothing)."""
+
+
+PlatformAction = Action | EnsureMonitoring | EnsureDisruptionBudget
 
 
 # ---------------------------------------------------------------------------------------------
