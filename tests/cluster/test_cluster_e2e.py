@@ -215,6 +215,15 @@ def test_kubectl_scale_moves_the_active_worker_through_the_scale_subresource(
     assert scale["status"]["replicas"] == 2 and scale["status"]["selector"], scale
     pods = kube.ns_json("get", "pods", "-l", scale["status"]["selector"])["items"]
     assert len([p for p in pods if p["status"].get("phase") == "Running"]) == 2, "the HPA's selector finds 2 pods"
+    # The real disruption controller counts the serving pods under the budget: a drain takes one at a time.
+    budget = wait_for(
+        "the PodDisruptionBudget counting both serving pods",
+        lambda: (
+            (b := (kube.ns_json("get", "pdb", f"{HD}-serving").get("status") or {})).get("currentHealthy") == 2 and b
+        ),
+        timeout=60,
+    )
+    assert (budget["expectedPods"], budget["disruptionsAllowed"]) == (2, 1), budget
 
 
 def test_after_every_requests_it_reassesses_on_live_traffic_and_serves_again(

@@ -10,7 +10,9 @@ the API server's audit log records it: a test compares those verbs with the char
 
 Stand-ins: the worker pods run `helios worker` against models that are not there, so they fail
 at start (the operator reports Degraded=WorkerFailed): this module proves the API contract (RBAC,
-ownerReferences, garbage collection, conditional status writes), not serving.
+ownerReferences, garbage collection, conditional status writes, the objects beside the workers),
+not serving. The ServiceMonitor CRD is a stand-in of the Prometheus Operator's
+(tests/cluster/servicemonitor-crd.yaml: its names, not its schema); no Prometheus Operator runs.
 """
 
 from __future__ import annotations
@@ -56,10 +58,15 @@ NOT_REQUESTED: dict[Triple, str] = {
     ("apps", "deployments", "delete"): "a drained worker is deleted after a switch (no switch here: workers fail)",
     ("apps", "deployments", "patch"): "the serving worker is scaled or updated (none serves here: workers fail)",
     ("", "services", "patch"): "the stable Service moves to another pool in a switch (no switch here)",
-    ("apiextensions.k8s.io", "customresourcedefinitions", "get"): (
-        "the operator looks for the ServiceMonitor CRD only with serviceMonitor.enabled (off here)"
+    ("", "events", "list"): "read only while a worker pod waits for its volumes (Multi-Attach); none waits here",
+    ("policy", "poddisruptionbudgets", "patch"): (
+        "an edited budget is patched back (tests/operator/test_operator_rbac.py); none is edited here"
+    ),
+    ("monitoring.coreos.com", "servicemonitors", "patch"): (
+        "an edited ServiceMonitor is patched back (tests/operator/test_operator_rbac.py); none is edited here"
     ),
 }
+MONITOR_LABELS = {"release": "kube-prometheus-stack"}  # what kube-prometheus-stack's Prometheus selects
 
 
 def helm(plane: Plane, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -90,9 +97,20 @@ def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tes
 
 
 @pytest.fixture(scope="module")
-def release(plane: Plane, space: Kubectl, crd: dict[str, Any], node: TestKubelet) -> Iterator[str]:
+def monitor_crd(space: Kubectl) -> Iterator[None]:
+    """The ServiceMonitor API served before the chart is installed (serviceMonitor.enabled: auto)."""
+    space.ok("apply", "-f", str(Path(__file__).with_name("servicemonitor-crd.yaml")))
+    crd = "crd/servicemonitors.monitoring.coreos.com"
+    space.ok("wait", "--for=condition=Established", crd, "--timeout=60s", timeout=90)
+    yield
+    space.ok("delete", crd, "--ignore-not-found", "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def release(plane: Plane, space: Kubectl, crd: dict[str, Any], monitor_crd: None, node: TestKubelet) -> Iterator[str]:
     """`helm install` of charts/helios watching the test namespace; waits for the operator Ready."""
     values = {
+        "serviceMonitor": {"labels": MONITOR_LABELS},  # enabled: auto, the default
         "fullnameOverride": OPERATOR,
         "image": {"repository": "helios-operator", "tag": "test"},
         "watchNamespaces": [space.namespace],
@@ -217,10 +235,79 @@ def test_the_audit_log_shows_no_refused_request_and_no_unused_rule(
         resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         used.add((ref.get("apiGroup", ""), resource, e["verb"]))
     rules = yaml.safe_load(RULES_FILE.read_text())
-    granted = triples(rules["namespaced"] + rules["cluster"] + rules["namespaceScanning"] + rules["leaderElection"])
+    granted = triples(
+        rules["namespaced"]
+        + rules["serviceMonitor"]  # auto, with the CRD served
+        + rules["cluster"]
+        + rules["namespaceScanning"]
+        + rules["leaderElection"]
+    )
     assert used <= granted, f"requests no rule grants: {sorted(used - granted)}"
     unused = granted - used - set(NOT_REQUESTED)
     assert unused == set(), f"rules no request used: {sorted(unused)}"
+
+
+def test_with_the_servicemonitor_api_served_the_chart_and_the_operator_make_monitors_prometheus_selects(
+    space: Kubectl, hd: dict[str, Any], release: str
+) -> None:
+    """serviceMonitor.enabled: auto saw the API at install (the chart's own ServiceMonitor) and the
+    operator found the CRD (the workers'); both carry serviceMonitor.labels."""
+    own = space.ns_json("get", "servicemonitors", release)
+    assert own["metadata"]["labels"].items() >= MONITOR_LABELS.items()
+    name = f"{HD}-workers"
+    workers = wait_for(
+        "the workers' ServiceMonitor",
+        lambda: next(
+            (m for m in space.ns_json("get", "servicemonitors")["items"] if m["metadata"]["name"] == name), None
+        ),
+        timeout=60,
+        interval=1,
+    )
+    assert workers["metadata"]["labels"].items() >= {**MONITOR_LABELS, names.LABEL_DEPLOYMENT: HD}.items()
+    assert [r["uid"] for r in workers["metadata"]["ownerReferences"]] == [hd["metadata"]["uid"]]
+    assert workers["spec"]["selector"]["matchLabels"][names.LABEL_SERVICE] == names.SERVICE_METRICS
+
+
+def test_a_disruption_budget_covers_the_serving_pods_and_the_disruption_controller_reads_it(
+    space: Kubectl, hd: dict[str, Any]
+) -> None:
+    name = f"{HD}-serving"
+
+    def observed() -> dict[str, Any] | None:
+        found = [b for b in space.ns_json("get", "pdb")["items"] if b["metadata"]["name"] == name]
+        return found[0] if found and (found[0].get("status") or {}).get("observedGeneration") else None
+
+    budget = wait_for("the PodDisruptionBudget, observed by the controller-manager", observed, timeout=90, interval=1)
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == {names.LABEL_DEPLOYMENT: HD, names.LABEL_ROLE: names.ROLE_SERVE}
+    serving = space.ns_json("get", "pods", "-l", f"{names.LABEL_DEPLOYMENT}={HD},{names.LABEL_ROLE}={names.ROLE_SERVE}")
+    assert budget["status"]["expectedPods"] == len(serving["items"])
+
+
+def test_a_quota_that_refuses_the_workers_pods_is_reported_as_quota_exceeded(space: Kubectl, release: str) -> None:
+    """The real ReplicaSet controller is refused by the real quota admission; the operator reads the
+    Deployment's ReplicaFailure and says so (no pod exists to say more)."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-gpus", "namespace": space.namespace},
+             "spec": {"hard": {"requests.nvidia.com/gpu": "0"}}}  # fmt: skip
+    other = "quota-hd"
+    obj = {"apiVersion": names.API_VERSION, "kind": names.KIND,
+           "metadata": {"name": other, "namespace": space.namespace},
+           "spec": {"candidates": [{"name": "small", "model": "/models/helios-tiny"}],
+                    "worker": {"nodeSelector": GROUP}}}  # fmt: skip
+    space.apply([quota])
+    try:
+        space.apply([obj])
+
+        def degraded() -> dict[str, Any] | None:
+            st = space.ns_json("get", "hd", other).get("status") or {}
+            cond = {c["type"]: c for c in st.get("conditions") or ()}.get("Degraded")
+            return cond if cond and cond["reason"] == "QuotaExceeded" else None
+
+        cond = wait_for("Degraded=QuotaExceeded", degraded, timeout=120, interval=2)
+        assert cond["status"] == "True" and "exceeded quota: no-gpus" in cond["message"], cond
+    finally:
+        space.ns("delete", "hd", other, "--ignore-not-found", "--wait=false")
+        space.ns("delete", "resourcequota", "no-gpus", "--ignore-not-found")
 
 
 def test_a_status_write_that_loses_a_resource_version_race_is_refused_and_retried_from_the_fresh_object(
