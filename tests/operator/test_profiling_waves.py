@@ -216,3 +216,58 @@ def test_replicas_the_nodes_gpus_cannot_hold_are_said_in_a_condition() -> None:
     p.settle()
     c = p.status.condition("CapacityAvailable")
     assert c is not None and (c.status, c.reason) == ("True", "AllPlaced")
+
+
+IDLE = replace(THREE, profiling=replace(THREE.profiling, idle_seconds=120))
+
+
+def test_with_no_traffic_the_profile_workers_but_one_go_to_zero_and_the_round_still_ends() -> None:
+    p = GpuPlatform(spec=IDLE, gpus=8)
+    p.settle()
+    assert {w.replicas for w in p.workers.values()} == {1}
+    p.now += 121
+    p.settle()
+    replicas = sorted(w.replicas for w in p.workers.values())
+    assert replicas == [0, 0, 1], "one keeps serving the stable Service; the others free their GPUs"
+    c = p.status.condition("Profiling")
+    assert c is not None and "no request for 120s" in c.message and "at zero replicas until traffic comes" in c.message
+    p.now += IDLE.profiling.timeout_seconds  # the round's timeout runs on: every phase ends
+    p.settle(40)
+    assert p.status.profiling_round == 2 and p.events("ProfilingTimedOut")
+    c = p.status.condition("Degraded")
+    assert c is not None and c.reason == "ProfilingTimedOut"
+
+
+def test_traffic_wakes_the_idle_profile_workers_and_the_round_completes() -> None:
+    p = GpuPlatform(spec=IDLE, gpus=8)
+    p.settle()
+    p.now += 121
+    p.settle()
+    p.serve(1)  # reaches the one that kept serving
+    p.settle()
+    assert {w.replicas for w in p.workers.values() if w.role == "profile"} == {1}
+    assert p.events("ProfilingResumed")
+    p.run()
+    assert p.status.phase == "Serving" and {x.candidate for x in p.status.profiles} == {"small", "big", "mid"}
+
+
+def test_while_reassessing_with_no_traffic_every_profile_worker_goes_to_zero_beside_the_active() -> None:
+    p = GpuPlatform(spec=IDLE, gpus=8)
+    p.run()
+    assert p.status.phase == "Serving" and p.status.active is not None
+    p.serve(IDLE.reassessment.every_requests + 1)
+    p.settle()
+    assert p.status.phase == "Reassessing"
+    p.now += 121
+    p.settle()
+    profile = [w.replicas for w in p.workers.values() if w.role == "profile"]
+    assert profile and set(profile) == {0}
+    assert p.workers[p.status.active.worker].replicas == IDLE.replicas  # the active worker keeps serving
+
+
+def test_idle_seconds_zero_never_scales_profile_workers_down() -> None:
+    p = GpuPlatform(spec=replace(THREE, profiling=replace(THREE.profiling, idle_seconds=0)), gpus=8)
+    p.settle()
+    p.now += 200
+    p.settle()
+    assert {w.replicas for w in p.workers.values()} == {1}

@@ -80,6 +80,8 @@ def _pending(d: _Draft) -> None:
         target=None,
         round_profiles=(),
         round_dropped=(),
+        round_heard=0.0,
+        round_heard_at=cond.timestamp(d.inp.now),
     )
 
 
@@ -88,6 +90,7 @@ def _profiling(d: _Draft) -> None:
     active = d.status.active
     if active is not None and d.status.phase == "Profiling":
         d.status = d.status.with_changes(phase="Reassessing")
+    _listen(d)
     _advance_round(d)
     keep, release = _ensure_round(d)
     if active is None:
@@ -246,6 +249,8 @@ def _start_reassessment(d: _Draft) -> None:
         profiling_since=cond.timestamp(d.inp.now),
         round_profiles=(),
         round_dropped=(),
+        round_heard=0.0,
+        round_heard_at=cond.timestamp(d.inp.now),
     )
 
 
@@ -369,6 +374,50 @@ def _round_settled(d: _Draft) -> bool:
     return all(c.name in _settled(d) for c in d.inp.spec.candidates)
 
 
+def _listen(d: _Draft) -> None:
+    """The idle clock: it restarts whenever the round's pool (and the active worker) served more
+    requests than last counted. Waking from idle restarts the candidates' timeouts too: their pods
+    are new."""
+    tel, now = d.inp.telemetry, d.inp.now
+    if not tel.available:
+        return
+    active = d.status.active
+    pool = [*_round_names(d), *([active.worker] if active is not None else [])]
+    heard = sum(w.requests_ok for name in pool if (w := tel.worker(name)) is not None)
+    at = d.status.round_heard_at or cond.timestamp(now)
+    changes: dict[str, object] = {"round_heard": heard, "round_heard_at": at}
+    if heard > d.status.round_heard:
+        if _idle(d):
+            _event(d, "ProfilingResumed", "traffic came back: the idle profile workers scale up again")
+            changes["profiling_since"] = cond.timestamp(now)
+        changes["round_heard_at"] = cond.timestamp(now)
+    d.status = d.status.with_changes(**changes)
+
+
+def _idle(d: _Draft) -> bool:
+    """No request to the round's pool for spec.profiling.idleSeconds (and telemetry to say so)."""
+    idle_s = d.inp.spec.profiling.idle_seconds
+    heard_at = cond.parse_timestamp(d.status.round_heard_at)
+    return bool(idle_s and heard_at is not None and d.inp.telemetry.available and d.inp.now - heard_at >= idle_s)
+
+
+def _sentinel(d: _Draft, workers: tuple[str, ...]) -> str | None:
+    """Who keeps serving while the round is idle: the active worker, else the round's first Ready one;
+    None: nothing serves yet, so nothing scales down."""
+    if d.status.active is not None:
+        return d.status.active.worker
+    return next((n for n in workers if _ready(d.inp.observed, n)), None)
+
+
+def _idled(d: _Draft) -> tuple[str, ...]:
+    """The round's workers at zero replicas now (idle, and not the one that serves)."""
+    if not _idle(d):
+        return ()
+    round_workers = tuple(sorted(_round_names(d)))
+    sentinel = _sentinel(d, round_workers)
+    return () if sentinel is None else tuple(n for n in round_workers if n != sentinel)
+
+
 def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
     """Ensure this wave of profile workers: the first unsettled candidates, as many as the budget.
 
@@ -393,11 +442,12 @@ def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
                 wave, held = (wave[:-1] if len(wave) >= budget else wave), [ready[0]]
             elif ready:
                 release = True
+    idled = _idled(d)
     for name in (*wave, *held):
         candidate = names[name]
         c = d.inp.spec.candidate(candidate)
         depth = (c.layers if c else None) or 0  # 0: all layers, read from the model's config
-        _ensure(d, name, candidate, depth, "profile", pool, 1)
+        _ensure(d, name, candidate, depth, "profile", pool, 0 if name in idled else 1)
     return {*wave, *held}, release
 
 
@@ -614,7 +664,11 @@ def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"]
         else:
             progress.append(f"{candidate} {heard}/{need}")
     budget = f" ({_profiling_budget(d)} at a time)" if _profiling_budget(d) < len(d.inp.spec.candidates) else ""
-    return "True", s.phase, f"round {s.profiling_round}{budget}: " + ", ".join(progress)
+    round_names = _round_names(d)
+    idled = [round_names[n] for n in _idled(d) if d.inp.observed.worker(n) is not None]
+    idle_s = d.inp.spec.profiling.idle_seconds
+    idle = f"; no request for {idle_s}s: {', '.join(idled)} at zero replicas until traffic comes" if idled else ""
+    return "True", s.phase, f"round {s.profiling_round}{budget}: " + ", ".join(progress) + idle
 
 
 def _capacity_condition(d: _Draft) -> tuple[Literal["True", "False"], str, str]:

@@ -51,6 +51,7 @@ class ProfilingSpec:
     requests_per_candidate: int = 5
     timeout_seconds: int = 900  # per candidate, from when its pod was scheduled: then profile what it heard, or drop it
     max_concurrent_workers: int | None = None  # profile workers up at once; None: as many as the GPU supply allows
+    idle_seconds: int = 300  # no request this long: profile workers but one go to zero replicas; 0: never
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,10 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
         requests_per_candidate=int(prof.get("requestsPerCandidate", ProfilingSpec.requests_per_candidate)),
         timeout_seconds=int(prof.get("timeoutSeconds", ProfilingSpec.timeout_seconds)),
         max_concurrent_workers=_opt_int(prof.get("maxConcurrentWorkers")),
+        idle_seconds=int(prof.get("idleSeconds", ProfilingSpec.idle_seconds)),
     )
+    if profiling.idle_seconds < 0:
+        raise SpecError("spec.profiling.idleSeconds must not be negative (0: never scale down)")
     if profiling.max_concurrent_workers is not None and profiling.max_concurrent_workers < 1:
         raise SpecError("spec.profiling.maxConcurrentWorkers must be at least 1")
     rea = spec.get("reassessment") or {}
@@ -501,6 +505,8 @@ class Status:
     switch_started: str = ""
     round_profiles: tuple[CandidateProfile, ...] = ()  # this round's finished candidates (their workers released)
     round_dropped: tuple[str, ...] = ()  # this round's candidates given up on (no request, or no node)
+    round_heard: float = 0.0  # requests the round's pool had served when last counted
+    round_heard_at: str = ""  # when that count last grew: the idle clock
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -526,6 +532,8 @@ class Status:
             "switchStarted": self.switch_started,
             "roundProfiles": [p.to_dict() for p in self.round_profiles],
             "roundDropped": list(self.round_dropped),
+            "roundHeard": self.round_heard,
+            "roundHeardAt": self.round_heard_at,
         }
 
     @classmethod
@@ -550,6 +558,8 @@ class Status:
             switch_started=str(d.get("switchStarted") or ""),
             round_profiles=tuple(CandidateProfile.from_dict(p) for p in d.get("roundProfiles") or ()),
             round_dropped=tuple(str(n) for n in d.get("roundDropped") or ()),
+            round_heard=float(d.get("roundHeard") or 0.0),
+            round_heard_at=str(d.get("roundHeardAt") or ""),
         )
 
 
