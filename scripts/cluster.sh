@@ -9,6 +9,7 @@
 #   bash scripts/cluster.sh down    stop every process `up` started, by PID
 #   bash scripts/cluster.sh env     print `export` lines (KUBECONFIG, PATH, HELIOS_CLUSTER_*)
 #   bash scripts/cluster.sh status  say whether the plane runs and which PIDs it has
+#   bash scripts/cluster.sh crds    print where the other projects' CRDs the suite installs are cached
 #
 # The binaries live in ~/.cache/helios/cluster/<versions>/bin (HELIOS_CLUSTER_CACHE moves it), so
 # a clean clone on the same machine reuses them. The running plane's state (certificates, keys,
@@ -26,6 +27,9 @@ CACHE="${HELIOS_CLUSTER_CACHE:-${HOME}/.cache/helios/cluster}/${KEY}"
 BIN="${CACHE}/bin"
 STATE="${HELIOS_CLUSTER_DIR:-${ROOT}/.helios/cluster}"
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm prometheus)
+# Other projects' CRDs the suite installs, as those projects publish them (from their Go modules).
+INFERENCE_EXTENSION_VERSION="v1.2.0" # sigs.k8s.io/gateway-api-inference-extension: InferencePool v1
+CRDS="${CACHE}/crds"
 
 # Loopback ports; override when another plane already holds them.
 ETCD_CLIENT_PORT="${HELIOS_ETCD_PORT:-32379}"
@@ -61,7 +65,20 @@ gobuild() {
   mv "${out}.tmp" "${out}"
 }
 
+# The Gateway API Inference Extension's InferencePool CRD, from its Go module (cached beside the binaries).
+fetch_crds() {
+  local out="${CRDS}/inferencepools.yaml" dir
+  [[ -s "${out}" ]] && return 0
+  mkdir -p "${CRDS}"
+  dir="$(cd /tmp && go mod download -json "sigs.k8s.io/gateway-api-inference-extension@${INFERENCE_EXTENSION_VERSION}" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  [[ -n "${dir}" ]] || die "could not fetch the InferencePool CRD (gateway-api-inference-extension ${INFERENCE_EXTENSION_VERSION})"
+  cp "${dir}/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml" "${out}.tmp"
+  mv "${out}.tmp" "${out}"
+}
+
 cmd_build() {
+  go_ok && fetch_crds
   if built; then
     log "binaries cached in ${BIN}"
     return 0
@@ -400,5 +417,6 @@ case "${1:-}" in
   status) cmd_status ;;
   node-kubeconfig) cmd_node_kubeconfig "${2:-}" ;;
   bin) printf '%s\n' "${BIN}" ;;
-  *) die "usage: $0 build|up|down|env|status|node-kubeconfig NODE|bin" ;;
+  crds) printf '%s\n' "${CRDS}" ;;
+  *) die "usage: $0 build|up|down|env|status|node-kubeconfig NODE|bin|crds" ;;
 esac

@@ -19,13 +19,16 @@ from helios_operator.adapters import metrics
 from helios_operator.adapters.prometheus import PrometheusTelemetry, TelemetryProvider
 from helios_operator.core import conditions, reconcile
 from helios_operator.core.types import (
+    Action,
     EmitEvent,
     EnsureDisruptionBudget,
+    EnsureInferencePool,
     EnsureMonitoring,
     HeliosSpec,
     Observed,
     Owner,
     PlatformAction,
+    PointService,
     SpecError,
     Status,
     StepInput,
@@ -267,6 +270,7 @@ async def _reconcile(
         *(a for a in result.actions if not isinstance(a, EmitEvent)),
         EnsureMonitoring(),
         EnsureDisruptionBudget(),
+        *_inference_pool(spec, observed, result.actions),
     )
     new_status = result.status
     outcome = "ok"
@@ -291,6 +295,17 @@ async def _reconcile(
         except Exception as err2:
             log.warning("writing the status of %s failed: %s", owner.name, err2)
     return Outcome(outcome, new_status, snapshot, result.requeue_after, result.actions, observed, result)
+
+
+def _inference_pool(
+    spec: HeliosSpec | None, observed: Observed, actions: tuple[Action, ...]
+) -> tuple[EnsureInferencePool, ...]:
+    """The InferencePool follows the stable Service: the pool this step points it at, else the one it selects."""
+    if spec is None or spec.inference_pool is None:
+        return ()
+    pointed = [a.pool for a in actions if isinstance(a, PointService)]
+    pool = pointed[-1] if pointed else observed.service_pool
+    return (EnsureInferencePool(pool),) if pool else ()
 
 
 def _failed(status: Status, err: Exception, now: float) -> Status:

@@ -21,6 +21,7 @@ EXPECTED_NAMESPACED = {
     ("", "pods", "list"),
     *(("", "events", v) for v in ("create", "list")),  # list: FailedAttachVolume (Multi-Attach)
     *(("policy", "poddisruptionbudgets", v) for v in ("get", "create", "patch")),
+    *(("inference.networking.k8s.io", "inferencepools", v) for v in ("get", "create", "patch")),
 }
 EXPECTED_SERVICE_MONITOR = {("monitoring.coreos.com", "servicemonitors", v) for v in ("get", "create", "patch")}
 EXPECTED_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")} | {

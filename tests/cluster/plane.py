@@ -40,6 +40,11 @@ def binaries() -> Path:
     return Path(_script("bin").stdout.strip())
 
 
+def crds() -> Path:
+    """Other projects' CRDs, as published (scripts/cluster.sh build fetches them)."""
+    return Path(_script("crds").stdout.strip())
+
+
 def built() -> bool:
     bin_dir = binaries()
     return all((bin_dir / b).is_file() for b in BINARIES)

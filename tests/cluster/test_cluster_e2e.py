@@ -249,6 +249,43 @@ def test_after_every_requests_it_reassesses_on_live_traffic_and_serves_again(
     assert {p["candidate"] for p in st["profiles"]} == {"tiny", "small"}
 
 
+@pytest.mark.own_plane
+def test_an_inference_pool_of_the_real_crd_selects_the_active_workers_pods(kube: Kubectl, tiny: dict[str, Any]) -> None:
+    """The Gateway API Inference Extension's own InferencePool CRD (v1, from its Go module): the
+    operator's object passes its schema and CEL rules on the real API server. No gateway or
+    endpoint picker runs here: the object is what a gateway would read."""
+    from plane import crds
+
+    kube.ok("apply", "-f", str(crds() / "inferencepools.yaml"))
+    crd = "crd/inferencepools.inference.networking.k8s.io"
+    kube.ok("wait", "--for=condition=Established", crd, "--timeout=60s", timeout=90)
+    picker = {"endpointPicker": {"name": "tiny-epp", "port": 9002}}
+    kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps({"spec": {"inferencePool": picker}}))
+    active = status(kube)["active"]["worker"]
+
+    def pool() -> dict[str, Any] | None:
+        found = kube.ns_json("get", "inferencepools")["items"]
+        return found[0] if found else None
+
+    obj = wait_for("the InferencePool", pool, timeout=120, interval=2)  # an absent CRD is looked for every 30 s
+    assert obj["metadata"]["name"] == HD
+    assert obj["spec"]["selector"]["matchLabels"] == {names.LABEL_DEPLOYMENT: HD, names.LABEL_POOL: active}
+    assert obj["spec"]["targetPorts"] == [{"number": names.WORKER_PORT}]
+    assert obj["spec"]["endpointPickerRef"] == {"kind": "Service", "group": "", "name": "tiny-epp",
+                                                "port": {"number": 9002}, "failureMode": "FailClose"}  # fmt: skip
+    assert [r["kind"] for r in obj["metadata"]["ownerReferences"]] == [names.KIND]
+
+
+def inference_pool_selects(kube: Kubectl) -> str | None:
+    """The pool the InferencePool selects, where one exists (the test above made it)."""
+    found = kube.ns_json("get", "inferencepools")["items"] if _served(kube, "inferencepools") else []
+    return str(found[0]["spec"]["selector"]["matchLabels"][names.LABEL_POOL]) if found else None
+
+
+def _served(kube: Kubectl, resource: str) -> bool:
+    return resource in kube.ok("api-resources", "-o", "name")
+
+
 def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
     """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
     other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
@@ -270,6 +307,10 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
         wait_for("more traffic after the switch", lambda: traffic.ok >= served + 5, timeout=120, interval=1)
     assert st["active"]["candidate"] == others[0]["name"]
     assert before["worker"] not in worker_deployments(kube)
+    if inference_pool_selects(kube) is not None:  # it follows the switch, as the stable Service does
+        wait_for(
+            "the InferencePool on the new worker", lambda: inference_pool_selects(kube) == st["active"]["worker"], 60
+        )
     assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.outcomes}: {traffic.failures[:5]}"
     reasons = {e["reason"] for e in kube.ns_json("get", "events", "--field-selector", f"involvedObject.name={HD}")
                ["items"]}  # fmt: skip

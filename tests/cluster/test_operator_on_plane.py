@@ -58,6 +58,10 @@ NOT_REQUESTED: dict[Triple, str] = {
     ("apps", "deployments", "delete"): "a drained worker is deleted after a switch (no switch here: workers fail)",
     ("apps", "deployments", "patch"): "the serving worker is scaled or updated (none serves here: workers fail)",
     ("", "services", "patch"): "the stable Service moves to another pool in a switch (no switch here)",
+    **{
+        ("inference.networking.k8s.io", "inferencepools", verb): "no spec.inferencePool here (test_cluster_e2e.py)"
+        for verb in ("get", "create", "patch")
+    },
     ("", "events", "list"): "read only while a worker pod waits for its volumes (Multi-Attach); none waits here",
     ("policy", "poddisruptionbudgets", "patch"): (
         "an edited budget is patched back (tests/operator/test_operator_rbac.py); none is edited here"

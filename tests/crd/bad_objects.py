@@ -192,4 +192,16 @@ CATALOGUE: tuple[Bad, ...] = (
         "schema",
         "does not match",
     ),
+    Bad(
+        "an InferencePool endpoint picker without its port",
+        spec_with({"inferencePool": {"endpointPicker": {"name": "epp"}}}),
+        "schema",
+        "port",
+    ),
+    Bad(
+        "an InferencePool failure mode that is not one",
+        spec_with({"inferencePool": {"endpointPicker": {"name": "epp", "port": 9002, "failureMode": "Open"}}}),
+        "schema",
+        "FailOpen",
+    ),
 )

@@ -175,13 +175,15 @@ def _model_scalar_defaults() -> dict[str, Any]:
         "worker": types.WorkerSpec,
     }
     for field in dataclasses.fields(HeliosSpec):
-        if field.name in sections or field.name in ("candidates", "prometheus_url"):
+        if field.name in sections or field.name in ("candidates", "prometheus_url", "inference_pool"):
             continue
         found[_camel(field.name)] = field.default
     for section, cls in sections.items():
         for field in dataclasses.fields(cls):
             if field.default is not dataclasses.MISSING and not isinstance(field.default, tuple):
                 found[f"{section}.{_camel(field.name)}"] = field.default
+    # The CRD nests the picker's fields (endpointPicker.name, .port, .failureMode); the dataclass is flat.
+    found["inferencePool.endpointPicker.failureMode"] = types.InferencePoolSpec.failure_mode
     return found
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
+
 from helios_operator.adapters.kubernetes import (
     KubeApiError,
     KubernetesPlatform,
@@ -16,7 +18,7 @@ from helios_operator.adapters.kubernetes import (
     pod_scheduled_at,
 )
 from helios_operator.core import manifests
-from helios_operator.core.types import Owner
+from helios_operator.core.types import EnsureInferencePool, HeliosSpec, Owner, SpecError
 
 WAITING = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available."
 
@@ -227,3 +229,39 @@ def test_the_workers_service_monitor_carries_the_labels_prometheus_selects_and_o
     assert monitor["metadata"]["labels"]["helios.dev/deployment"] == HD
     hint = manifests.scrape_hint(HD, NS, {"release": "kps"})
     assert f"ServiceMonitor {NS}/{monitor['metadata']['name']}" in hint and "release=kps" in hint
+
+
+def test_an_inference_pool_is_made_only_where_its_crd_is_and_follows_the_pool() -> None:
+    spec = HeliosSpec.from_dict(
+        {
+            "candidates": [{"name": "a", "model": "/m"}],
+            "inferencePool": {"endpointPicker": {"name": "epp", "port": 9002}},
+        }
+    )
+    assert spec.inference_pool is not None
+    path = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools"
+    api = RecordingApi({})
+    platform = KubernetesPlatform(api)  # type: ignore[arg-type]
+    platform.execute(OWNER, spec, [EnsureInferencePool("chat-a-l4")])
+    assert not [c for c in api.calls if c[0] == "POST"], "no CRD: nothing is made"
+    api.objects[
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/inferencepools.inference.networking.k8s.io"
+    ] = {}
+    platform._crd_seen.clear()  # as after CRD_ABSENT_RECHECK_S
+    platform.execute(OWNER, spec, [EnsureInferencePool("chat-a-l4")])
+    (post,) = [c for c in api.calls if c[0] == "POST"]
+    assert post[1] == path
+    assert post[2]["spec"]["selector"]["matchLabels"] == {"helios.dev/deployment": HD, "helios.dev/pool": "chat-a-l4"}
+    api.objects[f"{path}/{HD}"] = post[2]
+    platform.execute(OWNER, spec, [EnsureInferencePool("chat-b-l8")])  # a switch moved the Service
+    patch = api.calls[-1]
+    assert patch[0] == "PATCH" and patch[2]["spec"]["selector"]["matchLabels"]["helios.dev/pool"] == "chat-b-l8"
+
+
+def test_a_bad_inference_pool_spec_is_a_spec_error() -> None:
+    for bad in (
+        {"endpointPicker": {"name": "epp"}},
+        {"endpointPicker": {"name": "epp", "port": 1, "failureMode": "x"}},
+    ):
+        with pytest.raises(SpecError, match=r"spec\.inferencePool"):
+            HeliosSpec.from_dict({"candidates": [{"name": "a", "model": "/m"}], "inferencePool": bad})

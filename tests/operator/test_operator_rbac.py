@@ -42,6 +42,13 @@ NOT_EXERCISED: dict[Triple, str] = {
         )
         for verb in ("get", "create", "update")
     },
+    **{
+        ("inference.networking.k8s.io", "inferencepools", verb): (
+            "no spec.inferencePool in the harness; the cluster suite creates one against the real CRD"
+            " (tests/cluster/test_cluster_e2e.py)"
+        )
+        for verb in ("get", "create", "patch")
+    },
     ("", "events", "list"): (
         "read only while a worker pod waits for its volumes (Multi-Attach); no pod waits in the harness"
         " (tests/operator/test_kubernetes_pods.py reads such an Event)"

@@ -32,6 +32,7 @@ from helios_operator.core.types import (
     DeleteWorker,
     EmitEvent,
     EnsureDisruptionBudget,
+    EnsureInferencePool,
     EnsureMonitoring,
     EnsureWorker,
     HeliosSpec,
@@ -124,10 +125,17 @@ def _service_monitors(namespace: str, name: str = "") -> str:
     return f"/apis/monitoring.coreos.com/v1/namespaces/{namespace}/servicemonitors" + (f"/{name}" if name else "")
 
 
+def _inference_pools(namespace: str) -> str:
+    return f"/apis/{manifests.INFERENCE_GROUP}/v1/namespaces/{namespace}/inferencepools"
+
+
 ATTACH_FAILED = "FailedAttachVolume"  # the attach/detach controller's Event reason, Multi-Attach among them
-SERVICE_MONITOR_CRD = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/servicemonitors.monitoring.coreos.com"
+_CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+SERVICE_MONITOR_CRD = f"{_CRDS}/servicemonitors.monitoring.coreos.com"
+INFERENCE_POOL_CRD = f"{_CRDS}/inferencepools.{manifests.INFERENCE_GROUP}"
 NODES_RECHECK_S = 30.0  # how long the nodes' GPU supply is believed
-CRD_RECHECK_S = 300.0  # how long the presence (or absence) of the ServiceMonitor CRD is believed
+CRD_RECHECK_S = 300.0  # how long another project's CRD is believed present
+CRD_ABSENT_RECHECK_S = 30.0  # and absent: one installed later is used within this
 
 
 MERGE = "application/merge-patch+json"
@@ -345,7 +353,7 @@ class KubernetesPlatform:
         self.api = api or KubeApi()
         self.service_monitors = service_monitors  # create them where the Prometheus Operator's CRD is
         self.monitor_labels = dict(monitor_labels or {})  # what the cluster's Prometheus selects them by
-        self._crd_seen: tuple[float, bool] | None = None  # (checked at, present)
+        self._crd_seen: dict[str, tuple[float, bool]] = {}  # CRD path -> (checked at, present)
         self._crd_lock = threading.Lock()
         self._nodes_seen: tuple[float, int | None] | None = None  # (checked at, GPU supply)
         self._nodes_lock = threading.Lock()
@@ -433,18 +441,28 @@ class KubernetesPlatform:
             self._ensure_object(owner, _service_monitors(owner.namespace), monitor)
 
     def service_monitor_crd_present(self) -> bool:
+        return self._crd_present(SERVICE_MONITOR_CRD)
+
+    def _crd_present(self, path: str) -> bool:
+        """Whether another project's CRD is installed, believed for CRD_RECHECK_S (one installed later is found)."""
         with self._crd_lock:
-            if self._crd_seen is not None and time.monotonic() - self._crd_seen[0] < CRD_RECHECK_S:
-                return self._crd_seen[1]
+            seen = self._crd_seen.get(path)
+            if seen is not None and time.monotonic() - seen[0] < (CRD_RECHECK_S if seen[1] else CRD_ABSENT_RECHECK_S):
+                return seen[1]
             try:
-                self.api.request("GET", SERVICE_MONITOR_CRD)
+                self.api.request("GET", path)
                 present = True
             except KubeApiError as err:
                 if err.status != 404:
                     raise
                 present = False
-            self._crd_seen = (time.monotonic(), present)
+            self._crd_seen[path] = (time.monotonic(), present)
             return present
+
+    def ensure_inference_pool(self, owner: Owner, manifest: dict[str, Any]) -> None:
+        """Where the Gateway API Inference Extension is installed; its selector follows the pool."""
+        if self._crd_present(INFERENCE_POOL_CRD):
+            self._ensure_object(owner, _inference_pools(owner.namespace), manifest)
 
     def ensure_disruption_budget(self, owner: Owner, manifest: dict[str, Any]) -> None:
         self._ensure_object(owner, _budgets(owner.namespace), manifest)
@@ -496,6 +514,9 @@ class KubernetesPlatform:
                     )
                 elif isinstance(action, EnsureDisruptionBudget):
                     self.ensure_disruption_budget(owner, manifests.disruption_budget(owner.name, owner.namespace))
+                elif isinstance(action, EnsureInferencePool) and spec is not None and spec.inference_pool:
+                    pool = manifests.inference_pool(owner.name, owner.namespace, action.pool, spec.inference_pool)
+                    self.ensure_inference_pool(owner, pool)
             except (KubeApiError, httpx.HTTPError) as err:
                 raise PlatformError(f"{type(action).__name__} failed: {err}") from err
 

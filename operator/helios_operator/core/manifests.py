@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from helios_operator.core import names
-from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError, WorkerSpec
+from helios_operator.core.types import EnsureWorker, HeliosSpec, InferencePoolSpec, SpecError, WorkerSpec
 from helios_operator.core.worker_args import DRAIN_TIMEOUT_S, worker_args
 
 API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
@@ -315,6 +315,29 @@ def disruption_budget(hd_name: str, namespace: str, *, owner_uid: str | None = N
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
+
+
+def inference_pool(hd_name: str, namespace: str, pool: str, spec: InferencePoolSpec) -> dict[str, Any]:
+    """The Gateway API Inference Extension's InferencePool (v1) over the pods of `pool` (the active
+    worker's, as the stable Service selects them), named like the HeliosDeployment."""
+    return {
+        "apiVersion": f"{INFERENCE_GROUP}/v1",
+        "kind": "InferencePool",
+        "metadata": _metadata(hd_name, namespace, _owned_labels(hd_name), None, hd_name),
+        "spec": {
+            "selector": {"matchLabels": _pool_labels(hd_name, pool)},
+            "targetPorts": [{"number": names.WORKER_PORT}],
+            "endpointPickerRef": {
+                "kind": "Service",
+                "name": spec.endpoint_picker,
+                "port": {"number": spec.port},
+                "failureMode": spec.failure_mode,
+            },
+        },
+    }
+
+
+INFERENCE_GROUP = "inference.networking.k8s.io"
 
 
 def disruption_budget_name(hd_name: str) -> str:

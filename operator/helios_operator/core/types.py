@@ -100,6 +100,19 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True)
+class InferencePoolSpec:
+    """An InferencePool (Gateway API Inference Extension, v1) over the active worker's pods, routed by
+    the named endpoint picker Service: for clusters whose gateway schedules requests through one."""
+
+    endpoint_picker: str  # the endpoint picker's Service, in the HeliosDeployment's namespace
+    port: int  # its gRPC port
+    failure_mode: str = "FailClose"  # FailOpen: the gateway picks a pod itself when the picker is down
+
+
+FAILURE_MODES = ("FailOpen", "FailClose")
+
+
+@dataclass(frozen=True)
 class HeliosSpec:
     candidates: tuple[Candidate, ...]
     objective: Objective = "throughput"
@@ -112,6 +125,7 @@ class HeliosSpec:
     rollout: RolloutSpec = RolloutSpec()
     worker: WorkerSpec = WorkerSpec()
     prometheus_url: str | None = None
+    inference_pool: InferencePoolSpec | None = None
 
     def candidate(self, name: str) -> Candidate | None:
         return next((c for c in self.candidates if c.name == name), None)
@@ -195,6 +209,7 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
         raise SpecError("spec.replicas must not be negative")
     prom = (spec.get("prometheus") or {}).get("url")
     return HeliosSpec(
+        inference_pool=_inference_pool(spec.get("inferencePool")),
         candidates=candidates,
         objective=objective,
         accuracy_floor=floor,
@@ -207,6 +222,22 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
         worker=worker,
         prometheus_url=str(prom) if prom else None,
     )
+
+
+def _inference_pool(raw: Any) -> InferencePoolSpec | None:
+    if not raw:
+        return None
+    picker = raw.get("endpointPicker") or {}
+    pool = InferencePoolSpec(
+        endpoint_picker=str(picker.get("name") or ""),
+        port=int(picker.get("port") or 0),
+        failure_mode=str(picker.get("failureMode") or InferencePoolSpec.failure_mode),
+    )
+    if not pool.endpoint_picker or not 1 <= pool.port <= 65535:
+        raise SpecError("spec.inferencePool.endpointPicker needs a name and a port in 1..65535")
+    if pool.failure_mode not in FAILURE_MODES:
+        raise SpecError(f"spec.inferencePool.endpointPicker.failureMode must be one of {', '.join(FAILURE_MODES)}")
+    return pool
 
 
 def _opt_int(value: Any) -> int | None:
@@ -415,7 +446,15 @@ class EnsureDisruptionBudget:
     pods, so a drain evicts them one at a time (a platform without evictions does nothing)."""
 
 
-PlatformAction = Action | EnsureMonitoring | EnsureDisruptionBudget
+@dataclass(frozen=True)
+class EnsureInferencePool:
+    """The controller's own action where spec.inferencePool is set: the InferencePool selects the pool
+    the stable Service selects (a platform without a gateway does nothing)."""
+
+    pool: str
+
+
+PlatformAction = Action | EnsureMonitoring | EnsureDisruptionBudget | EnsureInferencePool
 
 
 # ---------------------------------------------------------------------------------------------
