@@ -286,16 +286,39 @@ def _served(kube: Kubectl, resource: str) -> bool:
     return resource in kube.ok("api-resources", "-o", "name")
 
 
-def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]) -> None:
+def kill_operator(kube: Kubectl) -> str:
+    """Delete the operator's pod, as a node failure or an eviction would; its ReplicaSet makes another,
+    which takes the leader Lease and resumes from the HeliosDeployment's status."""
+    (name,) = operator_pods(kube)
+    kube.ns("delete", "pod", name, "--wait=false")
+    return name
+
+
+def test_a_forced_switch_under_traffic_fails_no_request_with_the_operator_killed_midway(
+    kube: Kubectl, e2e: E2EConfig, tiny: dict[str, Any]
+) -> None:
     """Removing the active candidate from the spec forces a re-profile beside it and a switch to the
-    other candidate: new worker Ready, Service moved, old worker drained. Requests flow all along."""
+    other candidate: new worker Ready, Service moved, old worker drained. The operator is killed while
+    it re-profiles, and again mid-switch where the test sees the phase; requests flow all along."""
     before = status(kube)["active"]
     hd = kube.ns_json("get", "hd", HD)
     others = [c for c in hd["spec"]["candidates"] if c["name"] != before["candidate"]]
+    killed: list[tuple[str, str]] = []
     with Traffic(tiny["url"]) as traffic:
         wait_for("traffic to flow", lambda: traffic.ok >= 5, timeout=120, interval=1)
         patch = {"spec": {"candidates": copy.deepcopy(others)}}
         kube.ns("patch", "hd", HD, "--type=merge", "-p", json.dumps(patch))
+        wait_for("re-profiling beside the active worker", lambda: status(kube).get("phase") == "Reassessing", 120, 1)
+        killed.append(("Reassessing", kill_operator(kube)))
+        phase = wait_for(
+            "the switch, or its end",
+            lambda: (p := status(kube).get("phase")) in ("Switching", "Serving") and p,
+            timeout=e2e.timeout_s,
+            interval=1,
+        )
+        if phase == "Switching":
+            wait_for("the new operator acting", lambda: len(operator_pods(kube)) == 1, timeout=120, interval=1)
+            killed.append(("Switching", kill_operator(kube)))
         st = wait_for(
             f"a switch away from {before['candidate']}",
             lambda: serving(kube, not_candidate=before["candidate"]),
@@ -306,6 +329,7 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
         served = traffic.ok
         wait_for("more traffic after the switch", lambda: traffic.ok >= served + 5, timeout=120, interval=1)
     assert st["active"]["candidate"] == others[0]["name"]
+    assert killed[0][0] == "Reassessing" and all(name not in operator_pods(kube) for _, name in killed), killed
     assert before["worker"] not in worker_deployments(kube)
     if inference_pool_selects(kube) is not None:  # it follows the switch, as the stable Service does
         wait_for(
@@ -315,6 +339,11 @@ def test_a_forced_switch_under_traffic_fails_no_request(kube: Kubectl, e2e: E2EC
     reasons = {e["reason"] for e in kube.ns_json("get", "events", "--field-selector", f"involvedObject.name={HD}")
                ["items"]}  # fmt: skip
     assert {"CandidateRemoved", "SwitchStarted", "Switched"} <= reasons, reasons
+
+
+def operator_pods(kube: Kubectl) -> list[str]:
+    pods = kube.ns_json("get", "pods", "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+    return [str(p["metadata"]["name"]) for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def test_deleting_the_heliosdeployment_garbage_collects_its_children(
