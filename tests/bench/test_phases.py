@@ -7,7 +7,9 @@ there: which placement each section reports, the budget arithmetic, and the JSON
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,8 +17,9 @@ from helios_bench import report
 from helios_bench.accuracy import References
 from helios_bench.device import DeviceInfo, EnergyMeter
 from helios_bench.measure import DecodeBound, Latency, Sizes, Throughput
+from helios_bench.observe import ServeObserver
 from helios_bench.options import BenchOptions
-from helios_bench.phases import assemble, batches_in_budget, choose, cost_model
+from helios_bench.phases import assemble, batches_in_budget, choose, cost_model, serve
 from helios_bench.prepare import Prompts, Setup
 from helios_bench.results import (
     Batches,
@@ -27,7 +30,7 @@ from helios_bench.results import (
     Memory,
     Served,
 )
-from helios_bench.systems import Completion
+from helios_bench.systems import Completion, Prompt
 from helios_operator.core.types import CandidateProfile
 from helios_worker.models import tasks
 
@@ -130,6 +133,52 @@ def test_choose_fails_loudly_when_the_policy_has_nothing_to_choose_from() -> Non
     setup = _setup([])
     with pytest.raises(RuntimeError, match="no placement"):
         choose(setup, (), cost_model(setup))
+
+
+class BreachingSystem:
+    """An engine whose every token breaches in a full window: the breach rule fires after every chunk."""
+
+    breach_ratio = 1.0
+
+    def __init__(self, observer: ServeObserver, window: int) -> None:
+        self.observer, self.window = observer, window
+
+    def run_batch(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[Completion]:
+        for _ in range(len(prompts) * max_new_tokens):
+            self.observer.on_token(1, True, 1.0, self.window)
+        return [Completion([7] * max_new_tokens, "") for _ in prompts]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BreachingSetup(Setup):
+    """Loads nothing; records each (candidate, depth) it is asked to load."""
+
+    loaded: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
+
+    def load(self, candidate: str, layers: int | None) -> Any:
+        self.loaded.append((candidate, layers))
+        return None
+
+    def engine(self, model: Any, *, observer: Any = None, **_: Any) -> Any:
+        return BreachingSystem(observer, self.options.breach_window)
+
+
+def test_serving_climbs_through_the_policys_adaptations_while_the_breach_rule_fires() -> None:
+    plain = _setup([], breach_window=4, breach_limit=2, accuracy_floor=0.95)
+    setup = BreachingSetup(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(plain)})
+    start = CandidateDepth("micro", 2)
+    served = serve(setup, start, PROFILES, "throughput", cost_model(setup))
+    assert len(served.adaptations) == PROMPTS  # one chunk a prompt here, each followed by a firing
+    moves = [a.target for a in served.adaptations if a.target is not None]
+    assert moves and all(a.depth > b.depth for a, b in zip(moves, [start, *moves], strict=False))
+    assert served.adaptations[-1].target is None  # full depth: nothing deeper to go to
+    assert [a.source for a in served.adaptations][: len(moves) + 1] == [start, *moves]
+    assert served.final == moves[-1]
+    assert setup.loaded == [(p.candidate, p.depth) for p in [start, *moves]]
+    assert served.served_by == ["micro"] * PROMPTS and len(served.completions) == PROMPTS
 
 
 def test_the_budget_sets_the_largest_batch_and_the_run_batch_is_capped() -> None:
