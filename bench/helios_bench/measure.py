@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from helios_bench.device import EnergyMeter, PeakMemory, synchronize
 from helios_bench.observe import ServeObserver
@@ -39,6 +39,45 @@ class Sizes:
         return self.kv_bytes_per_token_per_layer * self.loaded_layers
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """A served run of `requests` requests, `batch` at a time, and what it cost (joules: None without NVML)."""
+
+    tokens_per_second: float
+    requests_per_second: float
+    batch: int
+    requests: int
+    tokens: int
+    seconds: float
+    joules: float | None
+    tokens_per_joule: float | None
+
+
+@dataclass(frozen=True)
+class DecodeBound:
+    """Decode speed at one batch size against what the memory bandwidth allows (see bandwidth_fraction)."""
+
+    tokens_per_second: float
+    decode_tokens: int
+    timing: str  # "difference" or "total": how decode_speed timed it
+    layers_per_step: float
+    bytes_per_step: float
+    bound_tokens_per_second: float
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Percentiles of a run at a fixed request rate (seconds)."""
+
+    requests: int
+    tokens: int
+    ttft_p50_s: float
+    ttft_p95_s: float
+    per_token_p50_s: float
+    per_token_p95_s: float
+
+
 def cycle(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
@@ -65,8 +104,9 @@ def throughput(
     max_new_tokens: int,
     device: str,
     energy: EnergyMeter,
-) -> dict[str, Any]:
-    """Served tokens/s with `waves * batch` requests submitted at once (the system keeps `batch` running).
+) -> tuple[Throughput, int | None]:
+    """Served tokens/s with `waves * batch` requests submitted at once (the system keeps `batch` running),
+    and the allocator's peak bytes meanwhile (None off CUDA).
 
     A warm-up of the same batch with two tokens comes first (first calls, kernels, CUDA graphs).
     """
@@ -82,17 +122,17 @@ def throughput(
         joules_after = energy.read_joules()
     tokens = sum(len(c.token_ids) for c in completions)
     joules = None if joules_before is None or joules_after is None else joules_after - joules_before
-    return {
-        "tokens_per_second": tokens / seconds,
-        "requests_per_second": len(requests) / seconds,
-        "batch": batch,
-        "requests": len(requests),
-        "tokens": tokens,
-        "seconds": seconds,
-        "joules": joules,
-        "tokens_per_joule": tokens / joules if joules else None,
-        "peak_allocated_bytes": peak.peak_bytes,
-    }
+    figures = Throughput(
+        tokens_per_second=tokens / seconds,
+        requests_per_second=len(requests) / seconds,
+        batch=batch,
+        requests=len(requests),
+        tokens=tokens,
+        seconds=seconds,
+        joules=joules,
+        tokens_per_joule=tokens / joules if joules else None,
+    )
+    return figures, peak.peak_bytes
 
 
 def decode_speed(
@@ -140,13 +180,13 @@ def bandwidth_bound(
     layers_per_step: float,
     mean_context: float,
     bandwidth: float,
-) -> dict[str, float]:
+) -> tuple[float, float]:
     """Bytes a decode step must read (weights of the layers run, the batch's KV over them) and the
     tokens/s that reading them at the measured copy bandwidth allows."""
     weights = sizes.fixed_weight_bytes + layers_per_step * sizes.layer_weight_bytes
     kv = batch * mean_context * layers_per_step * sizes.kv_bytes_per_token_per_layer
     per_step = weights + kv
-    return {"bytes_per_step": per_step, "bound_tokens_per_second": batch * bandwidth / per_step}
+    return per_step, batch * bandwidth / per_step
 
 
 def bandwidth_fraction(
@@ -160,7 +200,8 @@ def bandwidth_fraction(
     device: str,
     early_exit: bool,
     repeats: int,
-) -> dict[str, Any]:
+) -> DecodeBound:
+    """Decode speed at `batch` against the bound for the layers the system really ran per step."""
     observer = ServeObserver()
     system = make(batch, observer)
     try:
@@ -172,15 +213,10 @@ def bandwidth_fraction(
     layers = observer.mean_layers_per_step(float(sizes.loaded_layers)) if early_exit else float(sizes.loaded_layers)
     rows = cycle(prompts, batch)
     mean_context = sum(len(p) for p in rows) / len(rows) + new_tokens / 2
-    bound = bandwidth_bound(sizes, batch=batch, layers_per_step=layers, mean_context=mean_context, bandwidth=bandwidth)
-    return {
-        "tokens_per_second": tps,
-        "decode_tokens": tokens,
-        "timing": method,
-        "layers_per_step": layers,
-        **bound,
-        "fraction": tps / bound["bound_tokens_per_second"],
-    }
+    per_step, bound = bandwidth_bound(
+        sizes, batch=batch, layers_per_step=layers, mean_context=mean_context, bandwidth=bandwidth
+    )
+    return DecodeBound(tps, tokens, method, layers, per_step, bound, fraction=tps / bound)
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -193,19 +229,17 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
-def latency(
-    system: System, arrivals: Sequence[float], prompts: Sequence[Prompt], max_new_tokens: int
-) -> dict[str, Any]:
+def latency(system: System, arrivals: Sequence[float], prompts: Sequence[Prompt], max_new_tokens: int) -> Latency:
     """p50/p95 of time to first token (from arrival) and of per-token latency (gaps between tokens)."""
     system.run_batch(prompts[:1], 2)  # warm
     timings = system.serve(arrivals, prompts, max_new_tokens)
     ttft = [t.ttft_s for t in timings if t.tokens]
     gaps = [g for t in timings for g in t.gaps_s]
-    return {
-        "requests": len(timings),
-        "tokens": sum(t.tokens for t in timings),
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p95_s": percentile(ttft, 95),
-        "per_token_p50_s": percentile(gaps, 50),
-        "per_token_p95_s": percentile(gaps, 95),
-    }
+    return Latency(
+        requests=len(timings),
+        tokens=sum(t.tokens for t in timings),
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p95_s=percentile(ttft, 95),
+        per_token_p50_s=percentile(gaps, 50),
+        per_token_p95_s=percentile(gaps, 95),
+    )

@@ -85,10 +85,9 @@ class EngineSystem:
             kv_budget_bytes=kv_budget_bytes,
             device=device,
             dtype=dtype,
+            ignore_eos=ignore_eos,  # decode-speed runs: every row generates exactly max_tokens
         )
         self.engine = Engine(model, self.config, observer)
-        if ignore_eos:  # decode-speed runs: every row generates exactly max_tokens (the API has no switch)
-            self.engine._eos = frozenset()
         self.engine.warmup()
 
     @property

@@ -8,6 +8,7 @@ side by side. No speed is asserted here: speed targets live in the bench's own o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -77,6 +78,18 @@ def test_json_holds_every_section_for_every_configuration(bench: tuple[BenchResu
             assert _positive(bw["fraction"]) and _positive(bw["bound_tokens_per_second"]), (config, batch)
     assert _positive(s["latency"]["rate_rps"])
     assert _positive(s["bandwidth"]["bytes_per_second"])
+
+
+def test_bench_json_is_the_typed_result_with_the_ratios_beside_it(bench: tuple[BenchResult, str, Path]) -> None:
+    written = _json(bench)
+    typed = bench[0].data
+    assert list(written) == [*typed.to_dict(), "ratios"]
+    assert written["helios"]["final"] == {
+        **dataclasses.asdict(typed.helios.final),
+        "model_layers": typed.helios.model_layers,
+    }
+    assert written["sections"]["max_batch"]["helios"] == dataclasses.asdict(typed.sections.max_batch.helios)
+    assert written["models"]["tiny"]["path"] == str(typed.models["tiny"].path)
 
 
 def test_energy_is_marked_unavailable_on_cpu(bench: tuple[BenchResult, str, Path]) -> None:
