@@ -192,15 +192,15 @@ CATALOGUE: tuple[Bad, ...] = (
         "schema",
         "does not match",
     ),
-    Bad(
-        "an InferencePool endpoint picker without its port",
-        spec_with({"inferencePool": {"endpointPicker": {"name": "epp"}}}),
+    Bad(  # keys in this order: the first one is the field at fault
+        "an InferencePool endpoint picker on port 0",
+        spec_with({"inferencePool": {"endpointPicker": {"port": 0, "name": "epp"}}}),
         "schema",
         "port",
     ),
     Bad(
         "an InferencePool failure mode that is not one",
-        spec_with({"inferencePool": {"endpointPicker": {"name": "epp", "port": 9002, "failureMode": "Open"}}}),
+        spec_with({"inferencePool": {"endpointPicker": {"failureMode": "Open", "name": "epp", "port": 9002}}}),
         "schema",
         "FailOpen",
     ),
