@@ -153,7 +153,7 @@ def roll_out(space: Kubectl, node: TestKubelet, name: str, replicas: int) -> lis
 
     try:
         return list(wait_for(f"{replicas} Ready pod(s) of {name}", ready, timeout=400, interval=2))
-    except AssertionError as err:
+    except TimeoutError as err:
         logs = [
             f"--- {p['metadata']['name']} {c}:\n{node.log_of(space.namespace, p['metadata']['name'], c)[-3000:]}"
             for p in space.ns_json("get", "pods", "-l", selector)["items"]
