@@ -12,50 +12,15 @@ import fnmatch
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 from chart_render import CHART, ROOT, manifests, one
+from tests.support.dockerfile import Stage, parse_dockerfile
 
 from helios_operator.core import names
 from helios_operator.settings import Settings
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for kw, args in self.instructions if kw == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"no {keyword} in stage {self.name or self.base}"
-        return found[-1]
-
-
-def parse_dockerfile(path: Path) -> list[Stage]:
-    """Stages with their instructions (continuation lines joined, comments dropped)."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    stages: list[Stage] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), " ".join(args.split())
-        if keyword == "FROM":
-            parts = args.split()
-            stages.append(Stage(parts[0], parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else None))
-        else:
-            assert stages, f"{path.name}: {keyword} before FROM"
-            stages[-1].instructions.append((keyword, args))
-    return stages
 
 
 OPERATOR = parse_dockerfile(ROOT / "Dockerfile.operator")

@@ -267,3 +267,118 @@ def test_deleting_a_pod_runs_pre_stop_then_sigterm_and_the_replica_set_replaces_
     space.ns("rollout", "status", "deployment/stop", "--timeout=90s", timeout=100)
     (second,) = pods(space, "app=stop")
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+# One init step: appends "NAME failed" (exit 5) the first time when told to fail once, else "NAME done".
+INIT_STEP = textwrap.dedent(
+    """
+    import os, sys, time
+    events, name, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    tried = os.path.exists(events) and any(line.startswith(name + " ") for line in open(events))
+    time.sleep(2)
+    if mode == "fail-always" or (mode == "fail-once" and not tried):
+        open(events, "a").write(name + " failed\\n")
+        print("init: error: " + name + " could not finish", flush=True)
+        sys.exit(5)
+    open(events, "a").write(name + " done\\n")
+    """
+)
+# The container: says what the init containers left in the pod's emptyDir, then stays up.
+SHOW_EVENTS = "import sys, time; print(open(sys.argv[1]).read(), flush=True); time.sleep(3600)"
+
+
+def init_pod(space: Kubectl, name: str, restart: str, steps: list[tuple[str, str]]) -> None:
+    def container(step: str, mode: str) -> dict[str, Any]:
+        return {
+            "name": step,
+            "image": "python:3.11",
+            "command": ["python3", "-c", INIT_STEP],
+            "args": ["/work/events", step, mode],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+
+    main = {
+        "name": "app",
+        "image": "python:3.11",
+        "command": ["python3", "-c", SHOW_EVENTS],
+        "args": ["/work/events"],
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+    }
+    pod_spec = {
+        "restartPolicy": restart,
+        "initContainers": [container(step, mode) for step, mode in steps],
+        "containers": [main],
+        "volumes": [{"name": "work", "emptyDir": {}}],
+        "terminationGracePeriodSeconds": 2,
+        "nodeSelector": GROUP,
+    }
+    meta = {"name": name, "namespace": space.namespace}
+    space.apply([{"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}])
+
+
+def conditions(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in pod["status"].get("conditions") or ()}
+
+
+def test_init_containers_run_one_after_another_to_completion_before_the_containers_and_a_failed_one_restarts(
+    space: Kubectl, kubelets: list[TestKubelet]
+) -> None:
+    init_pod(space, "inits", "Always", [("fetch", "ok"), ("flaky", "fail-once")])
+
+    def initializing() -> dict[str, Any] | None:
+        pod = space.ns_json("get", "pod", "inits")
+        inits = pod["status"].get("initContainerStatuses") or []
+        running = [s["name"] for s in inits if "running" in s["state"]]
+        return pod if running == ["fetch"] else None
+
+    pod = wait_for("the first init container running", initializing, timeout=60, interval=0.5)
+    assert pod["status"]["phase"] == "Pending"
+    initialized = conditions(pod)["Initialized"]
+    assert initialized["status"] == "False" and initialized["reason"] == "ContainersNotInitialized"
+    assert initialized["message"] == "containers with incomplete status: [fetch flaky]"
+    (app,) = pod["status"]["containerStatuses"]
+    assert app["state"] == {"waiting": {"reason": "PodInitializing"}}
+
+    space.ns("wait", "--for=condition=Ready", "pod/inits", "--timeout=90s", timeout=100)
+    pod = space.ns_json("get", "pod", "inits")
+    assert conditions(pod)["Initialized"]["status"] == "True"
+    fetch, flaky = pod["status"]["initContainerStatuses"]
+    assert fetch["state"]["terminated"]["reason"] == "Completed" and fetch["restartCount"] == 0
+    assert flaky["state"]["terminated"]["exitCode"] == 0 and flaky["restartCount"] == 1
+    assert flaky["lastState"]["terminated"]["exitCode"] == 5
+    assert "init: error: flaky could not finish" in flaky["lastState"]["terminated"]["message"]
+    assert all(s["ready"] for s in (fetch, flaky))  # as the kubelet reports an init container that is done
+    node = next(k for k in kubelets if k.node == pod["spec"]["nodeName"])
+
+    def events_shown() -> list[str] | None:
+        lines = node.log_of(space.namespace, "inits").split()
+        return lines or None
+
+    # In order, in the pod's own emptyDir, and the container started only after the last of them.
+    shown = wait_for("the container's output", events_shown, timeout=30, interval=0.5)
+    assert shown == ["fetch", "done", "flaky", "failed", "flaky", "done"]
+
+
+def test_an_init_container_that_fails_under_restart_policy_never_fails_the_pod_and_nothing_else_runs(
+    space: Kubectl, kubelets: list[TestKubelet]
+) -> None:
+    init_pod(space, "init-fails", "Never", [("broken", "fail-always"), ("after", "ok")])
+
+    def failed() -> dict[str, Any] | None:
+        pod = space.ns_json("get", "pod", "init-fails")
+        return pod if pod["status"].get("phase") == "Failed" else None
+
+    pod = wait_for("the pod Failed", failed, timeout=60, interval=0.5)
+    broken, after = pod["status"]["initContainerStatuses"]
+    assert broken["state"]["terminated"]["exitCode"] == 5 and broken["restartCount"] == 0
+    assert "init: error: broken could not finish" in broken["state"]["terminated"]["message"]
+    assert after["state"] == {"waiting": {"reason": "PodInitializing"}}  # never started
+    (app,) = pod["status"]["containerStatuses"]
+    assert app["state"] == {"waiting": {"reason": "PodInitializing"}}
+    initialized = conditions(pod)["Initialized"]
+    assert initialized["status"] == "False" and "[broken after]" in initialized["message"]
+    time.sleep(3)  # nothing restarts it
+    again = space.ns_json("get", "pod", "init-fails")
+    assert again["status"]["initContainerStatuses"][0]["restartCount"] == 0
+    assert again["status"]["phase"] == "Failed"

@@ -180,6 +180,30 @@ CATALOGUE: tuple[Bad, ...] = (
         "worker.env names must be unique",
     ),
     Bad(
+        "a model cache with both a claim and a size limit",
+        spec_with({"worker": {"modelCache": {"claimName": "hf-cache", "sizeLimit": "20Gi"}}}),
+        "cel",
+        "set claimName or sizeLimit, not both",
+    ),
+    Bad(
+        "a model cache size limit of zero",
+        spec_with({"worker": {"modelCache": {"sizeLimit": "0Gi"}}}),
+        "cel",
+        "sizeLimit must be a positive quantity such as 50Gi",
+    ),
+    Bad(
+        "a model cache size limit in gigabytes, written GB",
+        spec_with({"worker": {"modelCache": {"sizeLimit": "50GB"}}}),
+        "cel",
+        "sizeLimit must be a positive quantity such as 50Gi",
+    ),
+    Bad(
+        "a model cache claim name that is no valid name",
+        spec_with({"worker": {"modelCache": {"claimName": "HF_Cache"}}}),
+        "schema",
+        "does not match",
+    ),
+    Bad(
         "resources given as a list",
         spec_with({"worker": {"resources": [{"cpu": 1}]}}),
         "schema",

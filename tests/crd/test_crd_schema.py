@@ -161,6 +161,9 @@ NOT_DEFAULTED_IN_CRD = {
     "worker.image",
     # absent means "no token": the workers serve /v1 open
     "worker.apiTokenSecret",
+    # absent means a per-pod emptyDir; a CRD default for sizeLimit would refuse every claimName (exclusive)
+    "worker.modelCache.claimName",
+    "worker.modelCache.sizeLimit",
 }
 
 
@@ -173,6 +176,7 @@ def _model_scalar_defaults() -> dict[str, Any]:
         "reassessment": types.ReassessmentSpec,
         "rollout": types.RolloutSpec,
         "worker": types.WorkerSpec,
+        "worker.modelCache": types.ModelCacheSpec,
     }
     for field in dataclasses.fields(HeliosSpec):
         if field.name in sections or field.name in ("candidates", "prometheus_url", "inference_pool"):
@@ -180,7 +184,8 @@ def _model_scalar_defaults() -> dict[str, Any]:
         found[_camel(field.name)] = field.default
     for section, cls in sections.items():
         for field in dataclasses.fields(cls):
-            if field.default is not dataclasses.MISSING and not isinstance(field.default, tuple):
+            nested = dataclasses.is_dataclass(field.default)  # a section of its own, listed above
+            if field.default is not dataclasses.MISSING and not isinstance(field.default, tuple) and not nested:
                 found[f"{section}.{_camel(field.name)}"] = field.default
     # The CRD nests the picker's fields (endpointPicker.name, .port, .failureMode); the dataclass is flat.
     found["inferencePool.endpointPicker.failureMode"] = types.InferencePoolSpec.failure_mode
@@ -272,6 +277,22 @@ def test_status_schema_rejects_an_unknown_phase() -> None:
     bad = {**Status().to_dict(), "phase": "Sleeping"}
     with pytest.raises(jsonschema.ValidationError, match="'Sleeping' is not one of"):
         jsonschema.validate(bad, to_json_schema(_status_schema()))
+
+
+def test_the_size_limit_rule_and_the_operator_accept_the_same_quantities() -> None:
+    cache = _spec_schema()["properties"]["worker"]["properties"]["modelCache"]
+    (rule,) = cache["properties"]["sizeLimit"]["x-kubernetes-validations"]
+    assert rule["rule"] == f"self.matches('{types.SIZE_LIMIT_PATTERN}')"
+    for good in ("50Gi", "1", "500M", "2Ti"):
+        assert admit(heliosdeployment({**_BARE, "worker": {"modelCache": {"sizeLimit": good}}})).accepted
+        assert HeliosSpec.from_dict({**_BARE, "worker": {"modelCache": {"sizeLimit": good}}})
+    for bad in ("0", "0Gi", "-5Gi", "1.5Gi", "50GB", "lots"):
+        assert not admit(heliosdeployment({**_BARE, "worker": {"modelCache": {"sizeLimit": bad}}})).accepted
+        with pytest.raises(types.SpecError, match="sizeLimit"):
+            HeliosSpec.from_dict({**_BARE, "worker": {"modelCache": {"sizeLimit": bad}}})
+
+
+_BARE: dict[str, Any] = {"candidates": [{"name": "tiny", "model": "hf://org/tiny"}]}
 
 
 def test_candidate_name_pattern_is_a_dns_label_that_fits_in_worker_names() -> None:

@@ -123,16 +123,81 @@ def test_owner_reference_makes_the_heliosdeployment_the_controller() -> None:
     assert "ownerReferences" not in manifests.worker_deployment("chat", "ml", SPEC, SERVE)["metadata"]
 
 
-def test_hf_models_are_downloaded_by_an_init_container() -> None:
+def _hf_pod(spec: HeliosSpec = SPEC) -> dict[str, Any]:
     action = replace(SERVE, model="hf://meta-llama/Llama-3.2-1B")
-    pod = manifests.worker_deployment("chat", "ml", SPEC, action)["spec"]["template"]["spec"]
-    init = pod["initContainers"][0]
-    assert "meta-llama/Llama-3.2-1B" in init["args"]
+    pod: dict[str, Any] = manifests.worker_deployment("chat", "ml", spec, action)["spec"]["template"]["spec"]
+    return pod
+
+
+def _with_cache(**cache: str) -> HeliosSpec:
+    raw = {"candidates": [{"name": "small", "model": "hf://meta-llama/Llama-3.2-1B"}], "worker": {"image": "w:1"}}
+    return HeliosSpec.from_dict({**raw, "worker": {"image": "w:1", "modelCache": cache}})
+
+
+def test_hf_models_are_downloaded_by_an_init_container_into_the_folder_the_worker_reads() -> None:
+    pod = _hf_pod()
+    (init,) = pod["initContainers"]
     path = "/models/hf/meta-llama--Llama-3.2-1B"
-    assert path in init["args"]
+    assert init["command"] == ["python", "-m", "helios_worker.models.fetch"]
+    assert init["args"] == ["meta-llama/Llama-3.2-1B", path]
+    assert init["image"] == SPEC.worker.image
     c = pod["containers"][0]
     assert c["args"][c["args"].index("--model") + 1] == path
-    assert init["env"][0]["name"] == "HF_TOKEN"  # a gated model's token comes from worker.env
+    assert {"name": "hf-models", "mountPath": "/models/hf", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "hf-models", "mountPath": "/models/hf"} in init["volumeMounts"]  # only the download writes
+    assert init["terminationMessagePolicy"] == "FallbackToLogsOnError"  # its error line reaches the condition
+
+
+def test_the_download_goes_online_whatever_the_image_says_and_keeps_the_users_hub_settings() -> None:
+    (init,) = _hf_pod()["initContainers"]
+    env = {e["name"]: e for e in init["env"]}
+    # Dockerfile.worker sets HF_HUB_OFFLINE=1 for the worker; the download must not inherit it.
+    assert env["HF_HUB_OFFLINE"] == {"name": "HF_HUB_OFFLINE", "value": "0"}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}  # a gated model's token
+    assert env["HF_HOME"]["value"].startswith("/tmp/")  # writable: the root file system is read-only
+    worker_env = {e["name"] for e in _hf_pod()["containers"][0]["env"]}
+    assert "HF_HUB_OFFLINE" not in worker_env  # the worker keeps the image's offline setting
+
+
+def test_a_users_hf_hub_offline_or_hf_home_never_reaches_the_download_twice() -> None:
+    user = (
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "HF_HOME", "value": "/cache"},
+        {"name": "X", "value": "y"},
+    )
+    spec = replace(SPEC, worker=replace(SPEC.worker, env=user))
+    (init,) = _hf_pod(spec)["initContainers"]
+    names_ = [e["name"] for e in init["env"]]
+    assert len(names_) == len(set(names_))
+    assert {e["name"]: e.get("value") for e in init["env"]}["HF_HUB_OFFLINE"] == "0"
+    assert "X" in names_
+
+
+def test_without_a_claim_each_pod_downloads_into_an_emptydir_bounded_by_the_size_limit() -> None:
+    (volume,) = [v for v in _hf_pod()["volumes"] if v["name"] == "hf-models"]
+    assert volume == {"name": "hf-models", "emptyDir": {"sizeLimit": "50Gi"}}
+    (volume,) = [v for v in _hf_pod(_with_cache(sizeLimit="8Gi"))["volumes"] if v["name"] == "hf-models"]
+    assert volume["emptyDir"] == {"sizeLimit": "8Gi"}
+
+
+def test_with_a_claim_every_pod_shares_one_download_folder() -> None:
+    spec = _with_cache(claimName="hf-cache")
+    pods = [
+        manifests.worker_deployment("chat", "ml", spec, action)["spec"]["template"]["spec"]
+        for action in (replace(SERVE, model="hf://org/m"), replace(PROFILE, model="hf://org/m"))
+    ]
+    for pod in pods:
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "hf-models"]
+        assert volume == {"name": "hf-models", "persistentVolumeClaim": {"claimName": "hf-cache"}}
+        assert pod["initContainers"][0]["args"] == ["org/m", "/models/hf/org--m"]
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, K8S, strict=True
+        )
+
+
+def test_a_claim_and_a_size_limit_together_are_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="claimName or sizeLimit"):
+        _with_cache(claimName="hf-cache", sizeLimit="8Gi")
 
 
 @pytest.mark.parametrize("model", ["pvc://", "hf://justname", "s3://bucket/model", "hf://a/b/c"])

@@ -1,4 +1,4 @@
-"""A spec change that shapes the worker's pods (env, image, dtype, threshold, model) rolls the workers
+"""A spec change that shapes the worker's pods (env, image, dtype, threshold, model cache, model) rolls the workers
 it concerns; a change of replicas only scales; the Deployment carries the fingerprint."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from helios_operator.core.manifests import worker_deployment
 from helios_operator.core.names import ANNOTATION_TEMPLATE
-from helios_operator.core.types import EnsureWorker, HeliosSpec, SpecError
+from helios_operator.core.types import EnsureWorker, HeliosSpec, ModelCacheSpec, SpecError
 from helios_operator.core.worker_args import worker_args, worker_template
 
 from .test_reconcile import SPEC, Platform, profiled
@@ -20,8 +20,10 @@ def test_the_template_changes_with_what_shapes_the_pods_and_not_with_replicas() 
     env = replace(SPEC, worker=replace(SPEC.worker, env=({"name": "HF_TOKEN", "value": "x"},)))
     dtype = replace(SPEC, worker=replace(SPEC.worker, dtype="float16"))
     threshold = replace(SPEC, exit=replace(SPEC.exit, confidence_threshold=0.8))
-    changed = [worker_template(s, "/models/small") for s in (env, dtype, threshold)]
-    assert len({base, *changed, worker_template(SPEC, "/models/other")}) == 5
+    claim = replace(SPEC, worker=replace(SPEC.worker, model_cache=ModelCacheSpec(claim_name="hf-cache")))
+    size = replace(SPEC, worker=replace(SPEC.worker, model_cache=ModelCacheSpec(size_limit="8Gi")))
+    changed = [worker_template(s, "/models/small") for s in (env, dtype, threshold, claim, size)]
+    assert len({base, *changed, worker_template(SPEC, "/models/other")}) == 7
     assert worker_template(replace(SPEC, replicas=7), "/models/small") == base
 
 

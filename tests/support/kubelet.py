@@ -20,6 +20,10 @@ containers, no root networking); everything it talks to is real. What it does, a
 - asks for the pod's ServiceAccount token (a TokenRequest bound to the pod) and hands it to the
   processes as a KUBECONFIG file, the stand-in for the projected token volume: a pod acts with its
   ServiceAccount's RBAC, never with the test's credentials;
+- runs the pod's init containers first, one after another, each to completion (a failed one is
+  restarted with back-off, or fails the pod under restartPolicy Never), and starts the containers
+  only once all have succeeded: initContainerStatuses and the Initialized condition say where it
+  is (native sidecars, init containers with their own restartPolicy Always, are not supported);
 - probes startup, readiness and liveness (httpGet, tcpSocket, exec) and writes truthful pod status:
   phase, Ready/ContainersReady conditions, container states, restart counts, exit codes, the
   termination message (FallbackToLogsOnError: the log's tail), CrashLoopBackOff between restarts;
@@ -130,6 +134,7 @@ class Container:
 
     spec: dict[str, Any]
     log_path: Path
+    init: bool = False  # an init container: runs to completion before the containers start
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: str | None = None
@@ -149,6 +154,11 @@ class Container:
     def name(self) -> str:
         return str(self.spec["name"])
 
+    @property
+    def succeeded(self) -> bool:
+        """It ran to completion with exit code 0 (what an init container must do)."""
+        return self.terminated is not None and self.terminated["exitCode"] == 0
+
 
 @dataclass
 class Pod:
@@ -158,6 +168,7 @@ class Pod:
     ip: str
     containers: list[Container]
     workdir: Path
+    init_containers: list[Container] = field(default_factory=list)
     image_error: str | None = None
     started_at: str = field(default_factory=now)
     terminating_since: float | None = None
@@ -171,6 +182,24 @@ class Pod:
     @property
     def uid(self) -> str:
         return str(self.body["metadata"]["uid"])
+
+    @property
+    def every_container(self) -> list[Container]:
+        return [*self.init_containers, *self.containers]
+
+    @property
+    def initialized(self) -> bool:
+        return not self.incomplete_init
+
+    @property
+    def incomplete_init(self) -> list[str]:
+        """The init containers that have not succeeded yet, by name."""
+        return [c.name for c in self.init_containers if not c.succeeded]
+
+    @property
+    def init_failed(self) -> bool:
+        """An init container failed for good (restartPolicy Never): the pod has failed."""
+        return any(c.terminated is not None and not c.succeeded for c in self.init_containers)
 
 
 class TestKubelet:
@@ -249,7 +278,7 @@ class TestKubelet:
             thread.join(10)
         with self._lock:
             for pod in self.pods.values():
-                for c in pod.containers:
+                for c in pod.every_container:
                     self._kill(c, grace_s=2.0)
         if delete_node:
             with contextlib.suppress(httpx.HTTPError):
@@ -389,7 +418,7 @@ class TestKubelet:
             for uid in list(self.pods):
                 if uid not in seen:
                     gone = self.pods.pop(uid)
-                    for c in gone.containers:
+                    for c in gone.every_container:
                         self._kill(c, grace_s=0.0)
                     self._free_ips.append(gone.ip)
 
@@ -399,7 +428,13 @@ class TestKubelet:
         workdir = self.workdir / uid
         workdir.mkdir(parents=True, exist_ok=True)
         containers = [Container(spec=c, log_path=workdir / f"{c['name']}.log") for c in body["spec"]["containers"]]
-        pod = Pod(body=body, ip=ip, containers=containers, workdir=workdir)
+        inits = [
+            Container(spec=c, log_path=workdir / f"init-{c['name']}.log", init=True)
+            for c in body["spec"].get("initContainers") or ()
+        ]
+        for c in [*inits[1:], *(containers if inits else ())]:
+            c.waiting = ("PodInitializing", "")  # what a container waiting for the init containers shows
+        pod = Pod(body=body, ip=ip, containers=containers, workdir=workdir, init_containers=inits)
         for c in containers:
             if self._entrypoint(c.spec) is None:
                 pod.image_error = c.spec.get("image", "")
@@ -426,6 +461,11 @@ class TestKubelet:
             return
         if pod.stopped:
             return
+        if not pod.initialized:
+            self._initialize(pod)
+            if not pod.initialized:
+                self._write_status(pod)
+                return
         restart = pod.body["spec"].get("restartPolicy", "Always")
         for c in pod.containers:
             if pod.image_error is not None:
@@ -439,9 +479,31 @@ class TestKubelet:
                 self._probe(pod, c)
         self._write_status(pod)
 
+    def _initialize(self, pod: Pod) -> None:
+        """Advance the first init container that has not succeeded yet: start, watch, or restart it."""
+        for c in pod.init_containers:
+            if c.succeeded:
+                continue
+            if c.terminated is not None:
+                return  # failed under restartPolicy Never: nothing more runs
+            if self._entrypoint(c.spec) is None:
+                self._image_backoff(c)
+            elif c.proc is None and time.monotonic() >= c.next_start:
+                self._start(pod, c)
+            elif c.proc is not None and c.proc.poll() is not None:
+                self._exited(pod, c, self._restart_policy(pod, c))
+                if c.succeeded:
+                    continue  # done: the next one starts now
+            return
+
+    def _restart_policy(self, pod: Pod, c: Container) -> str:
+        """The pod's restartPolicy; an init container is restarted only on failure, and never under Never."""
+        restart = str(pod.body["spec"].get("restartPolicy", "Always"))
+        return ("Never" if restart == "Never" else "OnFailure") if c.init else restart
+
     def _image_backoff(self, c: Container) -> None:
         image = c.spec.get("image", "")
-        if c.waiting is None or c.waiting[0] == "ContainerCreating":
+        if c.waiting is None or c.waiting[0] in ("ContainerCreating", "PodInitializing"):
             c.waiting = ("ErrImagePull", f'failed to pull image "{image}": the test kubelet cannot run this image')
             c.next_start = time.monotonic() + BACKOFF_START_S
         elif time.monotonic() >= c.next_start:
@@ -613,7 +675,7 @@ class TestKubelet:
         return "\n".join(lines[-80:])[-2048:]
 
     def _record_exit(self, pod: Pod, c: Container, code: int, reason: str | None = None, message: str = "") -> None:
-        restart = pod.body["spec"].get("restartPolicy", "Always")
+        restart = self._restart_policy(pod, c)
         state = {
             "exitCode": code,
             "reason": reason or ("Completed" if code == 0 else "Error"),
@@ -770,7 +832,7 @@ class TestKubelet:
             h.start()
         for h in hooks:
             h.join(max(deadline - time.monotonic(), 0.0))
-        for c in pod.containers:
+        for c in pod.every_container:
             if c.proc is not None:
                 self._kill(c, grace_s=max(deadline - time.monotonic(), 2.0))
                 assert c.proc is not None
@@ -825,6 +887,11 @@ class TestKubelet:
             out["containerID"] = f"helios-test://{c.proc.pid}"
         return out
 
+    def _init_container_status(self, c: Container) -> dict[str, Any]:
+        out = self._container_status(c)
+        out["ready"] = c.succeeded  # as the kubelet says of an init container that is done
+        return out
+
     def _write_status(self, pod: Pod) -> None:
         statuses = [self._container_status(c) for c in pod.containers]
         all_ready = bool(statuses) and all(s["ready"] for s in statuses)
@@ -838,9 +905,11 @@ class TestKubelet:
                 phase = "Running"
         else:
             phase = "Pending"
+        if pod.init_failed:
+            phase = "Failed"
         old = {c["type"]: c for c in pod.body.get("status", {}).get("conditions") or ()}
 
-        def cond(kind: str, ok: bool, reason: str = "") -> dict[str, Any]:
+        def cond(kind: str, ok: bool, reason: str = "", message: str = "") -> dict[str, Any]:
             status = "True" if ok else "False"
             prev = old.get(kind)
             since = prev["lastTransitionTime"] if prev and prev.get("status") == status else now()
@@ -849,11 +918,18 @@ class TestKubelet:
                 "status": status,
                 "lastTransitionTime": since,
                 **({"reason": reason} if reason else {}),
+                **({"message": message} if message else {}),
             }
 
+        incomplete = pod.incomplete_init
         conditions = [
             cond("PodReadyToStartContainers", True),
-            cond("Initialized", True),
+            cond(
+                "Initialized",
+                not incomplete,
+                "ContainersNotInitialized" if incomplete else "",
+                f"containers with incomplete status: [{' '.join(incomplete)}]" if incomplete else "",
+            ),
             cond("ContainersReady", all_ready, "" if all_ready else "ContainersNotReady"),
             cond("Ready", all_ready, "" if all_ready else "ContainersNotReady"),
         ]
@@ -870,6 +946,8 @@ class TestKubelet:
             "containerStatuses": statuses,
             "qosClass": pod.body.get("status", {}).get("qosClass", "BestEffort"),
         }
+        if pod.init_containers:
+            status["initContainerStatuses"] = [self._init_container_status(c) for c in pod.init_containers]
         text = json.dumps(status, sort_keys=True)
         if text == pod.last_status:
             return
@@ -894,7 +972,11 @@ class TestKubelet:
             for pod in self.pods.values():
                 meta = pod.body["metadata"]
                 if meta["namespace"] == namespace and meta["name"] == name:
-                    c = next(c for c in pod.containers if container is None or c.name == container)
+                    c = (
+                        pod.containers[0]
+                        if container is None
+                        else next(c for c in pod.every_container if c.name == container)
+                    )
                     return c.log_path.read_text(errors="replace") if c.log_path.exists() else ""
         return ""
 
@@ -902,7 +984,7 @@ class TestKubelet:
         with self._lock:
             lines = [f"node {self.node} ({self.node_ip}), {len(self.pods)} pod(s); errors: {self.errors[-5:]}"]
             for pod in self.pods.values():
-                for c in pod.containers:
+                for c in pod.every_container:
                     argv = shlex.join(c.proc.args) if c.proc is not None and isinstance(c.proc.args, list) else "-"
                     lines.append(f"  {pod.key} {pod.ip} {c.name}: restarts={c.restarts} ready={c.ready} {argv}")
         return "\n".join(lines)

@@ -11,12 +11,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from helios_operator.core import names
-from helios_operator.core.types import EnsureWorker, HeliosSpec, InferencePoolSpec, SpecError, WorkerSpec
+from helios_operator.core.types import (
+    EnsureWorker,
+    HeliosSpec,
+    InferencePoolSpec,
+    ModelCacheSpec,
+    SpecError,
+    WorkerSpec,
+)
 from helios_operator.core.worker_args import DRAIN_TIMEOUT_S, worker_args
 
 API_TOKEN_ENV = "HELIOS_API_TOKEN"  # the worker reads its bearer token from it
 MODELS_ROOT = "/models"  # where PVCs and downloaded models are mounted in the worker
 HF_DIR = f"{MODELS_ROOT}/hf"
+HF_VOLUME = "hf-models"
+FETCH_CONTAINER = "fetch-model"
+DEFAULT_MODEL_CACHE = ModelCacheSpec()  # no claim: a bounded emptyDir per pod
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,11 @@ def worker_labels(hd_name: str, action: EnsureWorker) -> dict[str, str]:
     }
 
 
-def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -> ModelSource:
+def model_source(
+    model: str, image: str, env: tuple[dict[str, Any], ...] = (), cache: ModelCacheSpec = DEFAULT_MODEL_CACHE
+) -> ModelSource:
     """local path as is; pvc://claim/path mounted read-only; hf://org/name downloaded by an init
-    container into an emptyDir (needs the hub reachable from the cluster, HF_TOKEN from worker.env)."""
+    container (see `_fetch_container`) into the model cache, which the worker mounts read-only."""
     if model.startswith("pvc://"):
         claim, _, sub = model.removeprefix("pvc://").partition("/")
         if not claim:
@@ -84,25 +96,39 @@ def model_source(model: str, image: str, env: tuple[dict[str, Any], ...] = ()) -
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise SpecError(f"model {model!r}: hf:// needs org/name, as hf://org/name")
         path = f"{HF_DIR}/{repo.replace('/', '--')}"
-        mount = {"name": "hf-models", "mountPath": HF_DIR}
-        fetch = {
-            "name": "fetch-model",
-            "image": image,
-            "command": ["python", "-c"],
-            "args": [
-                "import sys; from huggingface_hub import snapshot_download;"
-                " snapshot_download(sys.argv[1], local_dir=sys.argv[2])",
-                repo,
-                path,
-            ],
-            "env": [*env, {"name": "HF_HOME", "value": "/tmp/hf-home"}],
-            "volumeMounts": [mount, {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": _container_security(),
-        }
-        return ModelSource(path, ({"name": "hf-models", "emptyDir": {}},), ({**mount, "readOnly": True},), (fetch,))
+        # One claim for every pod of the HeliosDeployment (downloaded once), else a bounded emptyDir per pod.
+        cache_volume: dict[str, Any] = (
+            {"name": HF_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+            if cache.claim_name
+            else {"name": HF_VOLUME, "emptyDir": {"sizeLimit": cache.size_limit}}
+        )
+        mount = {"name": HF_VOLUME, "mountPath": HF_DIR, "readOnly": True}
+        return ModelSource(path, (cache_volume,), (mount,), (_fetch_container(repo, path, image, env),))
     if "://" in model:
         raise SpecError(f"model {model!r}: use a local path, pvc://claim/path or hf://org/name")
     return ModelSource(path=model)
+
+
+def _fetch_container(repo: str, path: str, image: str, env: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The init container that downloads `repo` into `path` (helios_worker.models.fetch: once per
+    cache, skipped when complete). Its environment is its own: the worker image sets HF_HUB_OFFLINE=1
+    for the worker, which never reaches the hub; spec.worker.env (HF_TOKEN, HF_ENDPOINT) passes through."""
+    ours = [
+        {"name": "HF_HUB_OFFLINE", "value": "0"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},  # the token and hub client caches: the root is read-only
+        {"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"},  # the log's tail is the termination message
+    ]
+    taken = {e["name"] for e in ours}
+    return {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": ["python", "-m", "helios_worker.models.fetch"],
+        "args": [repo, path],
+        "env": [*(e for e in env if e.get("name") not in taken), *ours],
+        "volumeMounts": [{"name": HF_VOLUME, "mountPath": HF_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+    }
 
 
 WORKER_COMMAND = ("helios", "worker")
@@ -131,7 +157,7 @@ def worker_deployment(
     image = spec.worker.image
     if image is None:
         raise ValueError("spec.worker.image is unset: the controller fills in the operator's worker_image")
-    source = model_source(action.model, image, spec.worker.env)
+    source = model_source(action.model, image, spec.worker.env, spec.worker.model_cache)
     labels = worker_labels(hd_name, action)
     resources = _quantities_as_strings(spec.worker.pod_resources)
     http = names.WORKER_PORT_NAME

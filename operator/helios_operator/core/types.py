@@ -6,6 +6,7 @@ Everything here is plain data. The CR's camelCase dicts are parsed into these on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -73,6 +74,20 @@ class SecretKey:
     key: str
 
 
+# A positive quantity (no sign, no fraction): the CRD's rule on worker.modelCache.sizeLimit uses it too.
+SIZE_LIMIT_PATTERN = "^[1-9][0-9]*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
+
+@dataclass(frozen=True)
+class ModelCacheSpec:
+    """Where hf:// models are downloaded: a claim shared by every pod of the HeliosDeployment
+    (downloaded once, reused by new replicas, switches and profiling rounds), else a per-pod
+    emptyDir bounded by size_limit (the kubelet evicts a pod that writes more)."""
+
+    claim_name: str | None = None
+    size_limit: str = "50Gi"
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     image: str | None = None  # None: the operator-wide settings.worker_image
@@ -83,6 +98,7 @@ class WorkerSpec:
     max_batch: int = 64
     api_token_secret: SecretKey | None = None  # the bearer token the worker's /v1 routes require
     dtype: str = "auto"  # auto: bfloat16 on the GPU the pod gets, float32 on a CPU-only node
+    model_cache: ModelCacheSpec = ModelCacheSpec()
 
     @property
     def pod_resources(self) -> dict[str, Any]:
@@ -201,6 +217,7 @@ def _parse_spec(spec: dict[str, Any]) -> HeliosSpec:
         max_batch=int(wk.get("maxBatch", WorkerSpec.max_batch)),
         api_token_secret=SecretKey(str(token["name"]), str(token["key"])) if token else None,
         dtype=str(wk.get("dtype", WorkerSpec.dtype)),
+        model_cache=_model_cache(wk.get("modelCache") or {}),
     )
     if worker.dtype not in WORKER_DTYPES:
         raise SpecError(f"spec.worker.dtype must be one of {', '.join(WORKER_DTYPES)}, got {worker.dtype!r}")
@@ -238,6 +255,20 @@ def _inference_pool(raw: Any) -> InferencePoolSpec | None:
     if pool.failure_mode not in FAILURE_MODES:
         raise SpecError(f"spec.inferencePool.endpointPicker.failureMode must be one of {', '.join(FAILURE_MODES)}")
     return pool
+
+
+def _model_cache(raw: dict[str, Any]) -> ModelCacheSpec:
+    if raw.get("claimName") and raw.get("sizeLimit"):
+        raise SpecError("spec.worker.modelCache: set claimName or sizeLimit, not both (a claim has its own size)")
+    cache = ModelCacheSpec(
+        claim_name=str(raw["claimName"]) if raw.get("claimName") else None,
+        size_limit=str(raw.get("sizeLimit") or ModelCacheSpec.size_limit),
+    )
+    if not re.fullmatch(SIZE_LIMIT_PATTERN, cache.size_limit):
+        raise SpecError(
+            f"spec.worker.modelCache.sizeLimit must be a positive quantity such as 50Gi, got {cache.size_limit!r}"
+        )
+    return cache
 
 
 def _opt_int(value: Any) -> int | None:
