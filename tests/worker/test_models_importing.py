@@ -26,7 +26,7 @@ def gguf_bytes(smollm2_wheel: Path) -> bytes:
 
 
 def _helios(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "helios_operator.cli", *args]
+    command = [sys.executable, "-m", "helios_cli.main", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
