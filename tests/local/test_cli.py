@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from helios_cli.main import SUBCOMMANDS, build_parser, main
 
-DOCUMENTED = ("train", "worker", "operator", "demo", "bench")
+DOCUMENTED = ("train", "import", "worker", "operator", "demo", "bench")
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -77,3 +78,15 @@ def test_unknown_preset_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         main(["train", "--preset", "huge", "--out", "/tmp/x"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_train_needs_a_preset_or_a_checkpoint_to_train_exits_into(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--out", "/tmp/x"]) == 2
+    assert "--preset NAME, or --from DIR" in capsys.readouterr().err
+
+
+def test_train_from_a_directory_that_is_not_a_checkpoint_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--from", str(tmp_path), "--out", str(tmp_path) + "/out"]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err

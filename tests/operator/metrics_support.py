@@ -52,7 +52,13 @@ class ContractExporter:
                 buckets = c.layer_buckets(depth) if "layer" in m.name else c.LATENCY_BUCKETS
                 self.metrics[m.name] = Histogram(m.name, m.help, labels, buckets=buckets, registry=self.registry)
         self.gauge(
-            c.WORKER_INFO, 1, model="/models/x", profile="true" if profile else "false", device="cpu", dtype="float32"
+            c.WORKER_INFO,
+            1,
+            model="/models/x",
+            profile="true" if profile else "false",
+            device="cpu",
+            dtype="float32",
+            exits="trained",
         )
         self.gauge(c.LOADED_LAYERS, depth)
         self._server: WSGIServer | None = None

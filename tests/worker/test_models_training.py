@@ -12,10 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helios_worker.models.cache import METADATA_FILE, train_command, train_preset
-from helios_worker.models.exits import first_confident_layer
 from helios_worker.models.presets import PRESETS
 from helios_worker.models.tasks import eval_examples
-from helios_worker.models.training import exit_loss_weights, exit_shape, train_model
+from helios_worker.models.training import exit_loss_weights, exit_shape, first_confident_layer, train_model
 
 CPU = torch.device("cpu")
 

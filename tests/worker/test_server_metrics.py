@@ -53,7 +53,16 @@ def test_every_contract_metric_is_exposed_with_base_labels_before_any_traffic() 
         assert value(found, "helios_depth_agreement_total", layer=str(layer)) == 0
     assert value(found, "helios_model_layers") == 4
     assert (
-        value(found, "helios_worker_info", model="tiny-model", profile="true", device="cuda:0", dtype="bfloat16") == 1
+        value(
+            found,
+            "helios_worker_info",
+            model="tiny-model",
+            profile="true",
+            device="cuda:0",
+            dtype="bfloat16",
+            exits="trained",
+        )
+        == 1
     )
 
 

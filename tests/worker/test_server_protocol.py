@@ -30,7 +30,7 @@ from helios_worker.server.protocol import ChatCompletionRequest, CompletionReque
         {"prompt": "hi", "n": 0},
         {"prompt": "hi", "unknown_field": 1},
         {"prompt": "hi", "echo": True},
-        {"prompt": "hi", "logprobs": 3},
+        {"prompt": "hi", "logprobs": 6},
         {"prompt": "hi", "presence_penalty": 1.0},
         {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
         {"prompt": []},

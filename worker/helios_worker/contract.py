@@ -120,11 +120,13 @@ KV_BYTES_PER_TOKEN = _m("kv_bytes_per_token", "gauge", "KV cache bytes one token
 GPU_MEMORY_USED_BYTES = _m("gpu_memory_used_bytes", "gauge", "GPU memory in use on the worker's device (NVML).")
 ENERGY_JOULES = _m("energy_joules", "counter", "GPU energy in joules, where NVML reports it.")
 DECODE_SECONDS = _m("decode_seconds", "counter", "Wall time spent in decode steps.")
+# exits: trained | adapters (exits inside the stack on) | off (a checkpoint without trained exits
+# serves the tokens of its last loaded layer) | untrained (exits forced on with --exits on).
 WORKER_INFO = _m(
     "worker_info",
     "gauge",
-    "Always 1; labels carry the worker's identity and where it serves.",
-    ("model", "profile", "device", "dtype"),
+    "Always 1; labels carry the worker's identity, where it serves and whether its exits are on.",
+    ("model", "profile", "device", "dtype", "exits"),
 )
 
 ALL_METRICS: tuple[Metric, ...] = (

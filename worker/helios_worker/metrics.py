@@ -31,6 +31,7 @@ class WorkerIdentity:
     profile: bool = False
     device: str = "cpu"  # what it really serves on, after `auto` is resolved
     dtype: str = "float32"
+    exits: str = "trained"  # the worker_info label: trained | adapters | off | untrained
 
     @property
     def base_labels(self) -> dict[str, str]:
@@ -138,6 +139,7 @@ class WorkerMetrics:
             profile=str(identity.profile).lower(),
             device=identity.device,
             dtype=identity.dtype,
+            exits=identity.exits,
         ).set(1)
 
         self.profiling = identity.profile

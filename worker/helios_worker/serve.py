@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from helios_worker.engine.api import ConfidenceMeasure, EngineConfig
 from helios_worker.placement import AUTO, DTYPES, ENV_DEVICE, ENV_DTYPE, PlacementError, check_request
@@ -30,6 +30,9 @@ ENV_API_TOKEN = "HELIOS_API_TOKEN"
 DEFAULT_DEPLOYMENT = "local"
 DEFAULT_PORT = 8000
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ExitsMode = Literal["auto", "on", "off"]
+EXITS_OFF_THRESHOLD = 2.0  # above 1: never met, every token runs the whole loaded stack
+IMPORTED_SUFFIXES = (".gguf", ".whl")  # served after `helios import` (models/importing.py), cached
 
 log = logging.getLogger("helios.worker")
 
@@ -43,6 +46,7 @@ class WorkerOptions:
     model: Path
     layers: int | None = None  # None: every layer of the model
     threshold: float = 0.9
+    exits: ExitsMode = "auto"  # auto: on only when the checkpoint's exits were trained (models/metadata.py)
     profile: bool = False
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0: any free port (see port_file)
@@ -65,13 +69,15 @@ class WorkerOptions:
 
     @property
     def candidate_name(self) -> str:
-        return self.candidate or self.model.resolve().name
+        return self.candidate or (self.model.stem if self.model.is_file() else self.model.resolve().name)
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, exits_on: bool = True) -> EngineConfig:
         """The engine's share of the options: every field both have, by name (--threshold is the
-        engine's confidence_threshold); what the flags do not set keeps the engine's default."""
+        engine's confidence_threshold); what the flags do not set keeps the engine's default. With exits
+        off no layer is ever confident: every token comes from the last loaded layer."""
         shared = {f.name for f in fields(EngineConfig)} & {f.name for f in fields(self)}
-        return EngineConfig(confidence_threshold=self.threshold, **{name: getattr(self, name) for name in shared})
+        threshold = self.threshold if exits_on else EXITS_OFF_THRESHOLD
+        return EngineConfig(confidence_threshold=threshold, **{name: getattr(self, name) for name in shared})
 
     def server_settings(self, identity: WorkerIdentity, model_layers: int) -> ServerSettings:
         """The server's share: who it is (from the loaded model), its token and its drain timeout."""
@@ -82,6 +88,7 @@ class WorkerOptions:
             candidate=identity.candidate,
             depth=identity.depth,
             model_layers=model_layers,
+            exits=identity.exits,
             api_token=self.api_token,
             drain_timeout_seconds=self.drain_timeout,
         )
@@ -127,13 +134,20 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's flags, on any parser (the `helios worker` subcommand or `python -m helios_worker`)."""
     d = WorkerOptions(model=Path("."))
     add = parser.add_argument
-    add("--model", required=True, type=Path, help="HF causal LM directory")
+    add("--model", required=True, type=Path, help="HF causal LM directory, or a .gguf file or wheel (imported, cached)")
     add("--layers", type=_positive_int, help="decoder layers to load (default: all)")
     add(
         "--threshold",
         type=_threshold,
         default=d.threshold,
         help="exit when confidence reaches this, (0, 1]; 1 exits only on certainty",
+    )
+    add(
+        "--exits",
+        choices=get_args(ExitsMode),
+        default=d.exits,
+        help="exits inside the stack; auto: on only for a checkpoint whose exits were trained (helios.json or "
+        "exit adapters), else every token runs the loaded stack",
     )
     add("--profile", action="store_true", help="run at full depth and emit the profiling metrics")
     add("--host", default=d.host, help="address to listen on (0.0.0.0 in a pod)")
@@ -176,6 +190,7 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = 
         model=args.model,
         layers=args.layers,
         threshold=args.threshold,
+        exits=args.exits,
         profile=args.profile,
         host=args.host,
         port=args.port,
@@ -204,9 +219,11 @@ def check_options(options: WorkerOptions) -> WorkerOptions:
         check_request(options.device, options.dtype)
     except PlacementError as error:
         raise OptionError(str(error)) from None
-    if not options.model.is_dir():
-        raise OptionError(f"--model {options.model}: not a directory")
-    if not (options.model / "config.json").is_file():
+    if options.model.is_file() and options.model.suffix in IMPORTED_SUFFIXES:
+        pass  # imported (cached) in build_app; a bad file is an OptionError there
+    elif not options.model.is_dir():
+        raise OptionError(f"--model {options.model}: not a directory (nor a .gguf file)")
+    elif not (options.model / "config.json").is_file():
         raise OptionError(f"--model {options.model}: no config.json (not a Hugging Face model directory)")
     token = options.api_token
     if options.api_token_file is not None:
@@ -227,6 +244,7 @@ def build_app(options: WorkerOptions) -> FastAPI:
     from helios_worker.engine.engine import Engine
     from helios_worker.metrics import ModelSizes, WorkerIdentity, WorkerMetrics
     from helios_worker.models.loading import ModelLoadError, load_partial
+    from helios_worker.models.metadata import exits_kind
     from helios_worker.placement import resolve_placement
     from helios_worker.server.app import create_app
 
@@ -236,6 +254,8 @@ def build_app(options: WorkerOptions) -> FastAPI:
         raise OptionError(str(error)) from None
     options = replace(options, device=placement.device, dtype=placement.dtype)
     dtype = getattr(torch, options.dtype)
+    if options.model.is_file():
+        options = replace(options, model=_imported(options.model), candidate=options.candidate_name)
     try:
         model = load_partial(options.model, options.layers, device=options.device, dtype=dtype)
     except ModelLoadError as error:
@@ -244,6 +264,14 @@ def build_app(options: WorkerOptions) -> FastAPI:
         depth, full = model.loaded_layers, model.model_layers
         log.warning("profiling at %d of %d layers: agreement is measured against layer %d", depth, full, depth)
 
+    kind = exits_kind(options.model)
+    exits_on = options.exits == "on" or (options.exits == "auto" and kind != "untrained")
+    exits_label = kind if exits_on else "off"
+    if exits_on:
+        log.info("exits inside the stack: on (%s exits), threshold %.3g", kind, options.threshold)
+    else:
+        why = "--exits off" if options.exits == "off" else "the checkpoint's exits are untrained"
+        log.info("exits inside the stack: off (%s); every token comes from layer %d", why, model.loaded_layers)
     identity = WorkerIdentity(
         deployment=options.deployment,
         candidate=options.candidate_name,
@@ -252,11 +280,12 @@ def build_app(options: WorkerOptions) -> FastAPI:
         profile=options.profile,
         device=options.device,
         dtype=options.dtype,
+        exits=exits_label,
     )
     gpu = _open_gpu(options.device) if options.device.startswith("cuda") else None
     telemetry = WorkerMetrics(identity, model.model_layers, gpu=gpu)
     try:
-        engine = Engine(model, options.engine_config(), telemetry)
+        engine = Engine(model, options.engine_config(exits_on), telemetry)
     except ValueError as error:  # e.g. an exit layer at or beyond the depth
         raise OptionError(f"--exit-layers: {error}") from None
     telemetry.set_model_sizes(
@@ -279,6 +308,15 @@ def build_app(options: WorkerOptions) -> FastAPI:
         options.dtype,
     )
     return create_app(engine, model.tokenizer, telemetry, settings)
+
+
+def _imported(file: Path) -> Path:
+    from helios_worker.models.importing import ImportFailed, import_checkpoint
+
+    try:
+        return import_checkpoint(file, log=log.info)
+    except ImportFailed as error:
+        raise OptionError(f"--model {error}") from None
 
 
 def _open_gpu(device: str) -> Any:

@@ -41,6 +41,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: the emitted token's log-probability and the k most likely
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class TokenEvent:
     exit_layer: int  # 1-based
     confidence: float  # of this token (a sampled one's own), at its exit layer
     breach: bool  # unconfident at the last loaded layer, emitted anyway, while deeper layers exist
+    logprob: float | None = None  # at the exit layer, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -33,11 +33,11 @@ from helios_worker.engine.api import (
 )
 from helios_worker.engine.blocks import StackModel, family_of
 from helios_worker.engine.confidence import BreachWindow, agreement, token_confidence
-from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill, prefill_batch
+from helios_worker.engine.forward import ExitRule, ExitTranslate, StepOutput, decode, prefill, prefill_batch
 from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.observing import GuardedObserver
 from helios_worker.engine.rows import Event, Row, Sink
-from helios_worker.engine.sampling import choose_tokens, make_rng
+from helios_worker.engine.sampling import choose_tokens, make_rng, token_logprobs
 from helios_worker.engine.static import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,16 @@ def eos_ids(model: StackModel) -> frozenset[int]:
 def serving_context(config: EngineConfig, model: StackModel) -> int:
     """Tokens per request the cache reserves: the configured context, else SERVING_CONTEXT capped by the model's."""
     return config.max_context or min(SERVING_CONTEXT, model.max_context())
+
+
+def exit_translator(model: StackModel) -> ExitTranslate | None:
+    """The model's trained exit adapters (models.exit_adapters: PartialModel.exit_adapters), which every
+    exit applies to its layer's hidden state before the shared final norm and LM head; None without."""
+    adapters = getattr(model, "exit_adapters", None)
+    if adapters is None:
+        return None
+    translate: ExitTranslate = adapters.translate
+    return translate
 
 
 def _kv_budget(config: EngineConfig, device: torch.device) -> int | None:
@@ -102,7 +112,14 @@ class Engine:
             raise ValueError(f"exit layers {sorted(exit_layers)} must lie in 1..{self.layers - 1}")
         # Propagation is part of the exit semantics, in serving and profiling alike; early_stop only
         # decides whether a step whose rows all exited skips the rest of its layers.
-        self._rule = ExitRule(config.confidence_threshold, config.confidence_measure, config.profile, True, exit_layers)
+        self._rule = ExitRule(
+            config.confidence_threshold,
+            config.confidence_measure,
+            config.profile,
+            True,
+            exit_layers,
+            exit_translator(model),
+        )
         self._deeper_layers_exist = model.loaded_layers < model.model_layers  # else an unconfident token is no breach
         self._static = (
             StaticDecoder(self._fam, model.exit_logits, self.cache, self._rule, config.exit_max_batch)
@@ -420,6 +437,7 @@ class Engine:
         needs back in one packed copy, and turn it into events and telemetry."""
         tokens, conf = self._choose(rows, result)
         next_tokens.copy_(tokens)
+        logprobs = token_logprobs(result.logits, tokens, [r.request.sampling for r in rows])
         parts = [tokens, result.exit_layer, result.first_confident, conf]
         if result.layer_tokens is not None:
             parts.extend(result.layer_tokens)
@@ -436,7 +454,7 @@ class Engine:
             breach = first_confident[i] > self.layers and self._deeper_layers_exist
             self._window.record(breach)
             text, reason = row.advance(token_ids[i], token_ids[i] in self._eos)
-            row.sink(TokenEvent(token_ids[i], text, exit_layers[i], confidences[i], breach))
+            row.sink(TokenEvent(token_ids[i], text, exit_layers[i], confidences[i], breach, *logprobs[i]))
             observer = self.observer
             if observer is not None:
                 observer.on_token(exit_layers[i], breach, self._window.ratio, self._window.tokens)

@@ -9,13 +9,15 @@ propagation, a row's K/V at layers above its exit are computed from its exit hid
 projections of the skipped layers run), ran every layer with the exited rows' inputs replaced (graph
 path: no host synchronisation), or profiled every layer (the chain runs on, the cache gets the exit
 state's K/V). A row's tokens do not depend on which other rows share its batch, except through
-whether its steps had checkpoints on. Rotary families decode through the fused layer (fused.py).
+whether its steps had checkpoints on. Rotary families decode through the fused layer (fused.py). Where
+the model carries trained exit adapters (the rule's `translate`), every exit, the last layer's included,
+translates its hidden state before the shared head.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +27,7 @@ from helios_worker.engine.confidence import confidence, exits_enabled
 from helios_worker.engine.kvcache import KVCache
 
 ExitHead = Callable[[torch.Tensor], torch.Tensor]  # hidden [B, hidden] -> logits [B, vocab]
+ExitTranslate = Callable[[torch.Tensor, int], torch.Tensor]  # hidden [B, hidden] at a 1-based layer -> head input
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ExitRule:
     profile: bool  # emit the last layer's token; record every layer's exit
     propagate: bool = True  # fill an exited row's deeper K/V from its exit state
     exit_layers: frozenset[int] | None = None  # checkpoints below L (1-based); None: every layer
+    translate: ExitTranslate | None = None  # trained exit adapters (models.exit_adapters), at every exit
 
     @property
     def exits(self) -> bool:
@@ -70,9 +74,17 @@ class ExitTracker:
     """Follows each row through the layers: first confident layer, selected logits, exit hidden state."""
 
     def __init__(
-        self, rule: ExitRule, head: ExitHead, layers: int, batch: int, device: torch.device, checkpoints: bool
+        self,
+        rule: ExitRule,
+        head: ExitHead,
+        layers: int,
+        batch: int,
+        device: torch.device,
+        checkpoints: bool,
+        hidden_of: Callable[[torch.Tensor], torch.Tensor] | None = None,  # a layer's output -> its hidden state
     ) -> None:
         self.rule, self._head, self.layers, self._checkpoints = rule, head, layers, checkpoints
+        self._hidden_of = hidden_of
         self.first_confident = torch.full((batch,), layers + 1, dtype=torch.long, device=device)
         self._logits: torch.Tensor | None = None
         self._conf = torch.zeros(batch, device=device)
@@ -109,7 +121,12 @@ class ExitTracker:
         if not self.checks(layer):
             return
         self.heads += 1
-        logits = self._head(h if h.dim() == 2 else h[:, -1])
+        hidden = h if h.dim() == 2 else h[:, -1]
+        if self._hidden_of is not None:
+            hidden = self._hidden_of(hidden)
+        if rule.translate is not None:
+            hidden = rule.translate(hidden, layer)
+        logits = self._head(hidden)
         conf, greedy = confidence(logits, rule.measure)
         if rule.profile:
             self._layer_tokens.append(greedy)
@@ -184,7 +201,7 @@ def prefill_batch(
     h = fam.embed(ids, positions)
     rope = fam.rope(positions, h)
     # The prompt's own K/V are computed at full depth: no propagation for prompt tokens.
-    no_propagation = ExitRule(rule.threshold, rule.measure, rule.profile, False, rule.exit_layers)
+    no_propagation = replace(rule, propagate=False)
     tracker = ExitTracker(no_propagation, head, len(fam.layers), n, ids.device, checkpoints)
     rows, last = torch.arange(n, device=ids.device), lengths - 1
     for i in range(len(fam.layers)):
@@ -239,12 +256,7 @@ def decode(
         step = fused.prepare(rope, cache, positions, length)
         h = fused.extend(h[:, 0])
         rows = step.rows
-        lean = fused
-
-        def state_head(state: torch.Tensor) -> torch.Tensor:
-            return head(lean.hidden_of(state))
-
-        tracker = ExitTracker(rule, state_head, layers, batch, tokens.device, checkpoints)
+        tracker = ExitTracker(rule, head, layers, batch, tokens.device, checkpoints, fused.hidden_of)
     else:
         keys = torch.arange(length, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]

@@ -66,3 +66,23 @@ def choose_tokens(
     tokens = greedy.clone()
     tokens[rows] = sample(logits[rows], temperature, top_p, uniform)
     return tokens, rows
+
+
+Logprobs = tuple[float | None, tuple[tuple[int, float], ...]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[Logprobs]:
+    """Per row, the chosen token's log-probability under the exit layer's logits [B, vocab] and the top
+    `params.logprobs` tokens; (None, ()) for rows that did not ask. Touches the device only when one did."""
+    asked = [p.logprobs for p in params]
+    if all(k is None for k in asked):
+        return [(None, ())] * len(asked)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    top = max(k or 0 for k in asked)
+    values, ids = logp.topk(top, dim=-1)
+    top_values, top_ids = values.tolist(), ids.tolist()
+    return [
+        (None, ()) if k is None else (chosen[row], tuple(zip(top_ids[row][:k], top_values[row][:k], strict=True)))
+        for row, k in enumerate(asked)
+    ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
+from helios_worker.models.adapter import ModelParts, parts_of
 from helios_worker.models.tokenizer import build_tokenizer
 
 FAMILY_CONFIGS: dict[str, Any] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gpt2": GPT2Config}
@@ -70,9 +72,9 @@ class HFStack:
     def family(self) -> str:
         return str(self.hf_model.config.model_type)
 
-    @property
-    def _base(self) -> Any:
-        return self.hf_model.transformer if self.family == "gpt2" else self.hf_model.model
+    @cached_property
+    def parts(self) -> ModelParts:
+        return parts_of(self.hf_model)
 
     @property
     def model_layers(self) -> int:
@@ -83,16 +85,13 @@ class HFStack:
         return len(self.decoder_layers())
 
     def decoder_layers(self) -> list[nn.Module]:
-        base = self._base
-        return list(base.h if self.family == "gpt2" else base.layers)
+        return list(self.parts.layers)
 
     def final_norm(self) -> nn.Module:
-        norm: nn.Module = self._base.ln_f if self.family == "gpt2" else self._base.norm
-        return norm
+        return self.parts.final_norm
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.hf_model.lm_head(self.final_norm()(hidden))
-        return logits
+        return self.parts.exit_logits(hidden)
 
     def max_context(self) -> int:
         config = self.hf_model.config

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from .metadata import METADATA_FILE
 from .presets import Preset, get_preset
 from .training import TRAINING_VERSION, train_model
 
 CACHE_ENV = "HELIOS_CACHE_DIR"
-METADATA_FILE = "helios.json"
 
 
 def cache_root() -> Path:
@@ -62,6 +62,31 @@ def is_complete(directory: Path) -> bool:
     return (directory / METADATA_FILE).is_file()
 
 
+def build_once(final: Path, write: Callable[[Path], None]) -> Path:
+    """`final`, made by `write(staging)` into a staging directory renamed into place, the first time
+    only; `write` must leave helios.json in it, which marks the directory complete."""
+    if is_complete(final):
+        return final
+    with _locked(final.with_name(final.name + ".lock")):
+        if is_complete(final):  # another process finished it while we waited
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            write(staging)
+            if not is_complete(staging):
+                raise RuntimeError(f"{final.name}: nothing wrote {METADATA_FILE}")
+            staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
+            for file in staging.iterdir():
+                file.chmod(0o644)
+            if final.exists():  # a leftover without metadata: never a finished model
+                shutil.rmtree(final)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final
+
+
 def train_preset(
     preset: str | Preset,
     seed: int = 0,
@@ -81,34 +106,30 @@ def train_preset(
     final = cache_path(chosen, seed, target, cache_dir)
     if is_complete(final):
         return final
-    with _locked(final.with_name(final.name + ".lock")):
-        if is_complete(final):  # another process finished it while we waited
-            return final
+
+    def write(staging: Path) -> None:
         model, tokenizer, metadata = train_model(chosen, seed, target, log, evaluate_after=evaluate)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
-            model.to("cpu")  # type: ignore[arg-type]
-            model.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-            staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-            if final.exists():  # a leftover without metadata: never a finished model
-                shutil.rmtree(final)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        model.to("cpu")  # type: ignore[arg-type]
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+    build_once(final, write)
     if log:
         log(f"{chosen.name}: saved to {final}")
     return final
 
 
-def train_command(preset: str, out: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
-    """`helios train`: the cached model copied to `out` (created; existing files replaced)."""
-    source = train_preset(preset, seed, log=log)
+def copy_model(source: Path, out: Path) -> Path:
+    """The files of a cached model copied to `out` (created; existing files replaced)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.is_file():
             shutil.copy2(item, out / item.name)
     return out
+
+
+def train_command(preset: str, out: Path, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
+    """`helios train`: the cached model copied to `out` (created; existing files replaced)."""
+    return copy_model(train_preset(preset, seed, log=log), out)

@@ -19,11 +19,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .adapter import AdapterError, ModelParts, parts_of
 from .checkpoint import CheckpointError, open_checkpoint
+from .exit_adapters import ExitAdapters
+from .metadata import EXIT_ADAPTERS_FILE
 
-# Where the decoder layers and the final norm sit, relative to the model's base (model.model, model.transformer).
-_LAYER_PATHS = ("layers", "h", "decoder.layers", "blocks")
-_NORM_PATHS = ("norm", "ln_f", "final_layernorm", "decoder.final_layer_norm", "final_norm")
 _PER_LAYER_LISTS = ("layer_types",)  # config lists with one entry per layer, cut with the layers
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text", "rembert"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -31,15 +31,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 class ModelLoadError(ValueError):
     """The directory or the requested depth cannot be served; raised at start-up."""
-
-
-def _get(module: nn.Module, dotted: str) -> nn.Module | None:
-    for part in dotted.split("."):
-        found = getattr(module, part, None)
-        if not isinstance(found, nn.Module):
-            return None
-        module = found
-    return module
 
 
 @dataclass
@@ -53,45 +44,42 @@ class PartialModel:
     model_layers: int
     loaded_layers: int
     read_keys: tuple[str, ...] = field(default=(), repr=False)  # checkpoint tensors actually read
+    exit_adapters: ExitAdapters | None = None  # trained translators for layers 1..loaded (models.exit_adapters)
+    _parts: ModelParts | None = field(default=None, init=False, repr=False)
 
     @property
     def config(self) -> Any:
         """The cut model's config (num_hidden_layers == loaded_layers)."""
         return self.hf_model.config
 
-    def _base(self) -> nn.Module:
-        base = self.hf_model.base_model
-        assert isinstance(base, nn.Module)
-        return base
+    @property
+    def parts(self) -> ModelParts:
+        """Layers, norm, head, embeddings and rotary embedding of the model (found once)."""
+        if self._parts is None:
+            try:
+                self._parts = parts_of(self.hf_model)
+            except AdapterError as error:
+                raise ModelLoadError(str(error)) from error
+        return self._parts
 
     def decoder_layers(self) -> list[nn.Module]:
-        for dotted in _LAYER_PATHS:
-            found = _get(self._base(), dotted)
-            if isinstance(found, nn.ModuleList):
-                return list(found)
-        raise ModelLoadError(f"{self.family}: cannot find the decoder layers (looked for {', '.join(_LAYER_PATHS)})")
+        return list(self.parts.layers)
 
     def final_norm(self) -> nn.Module:
-        for dotted in _NORM_PATHS:
-            found = _get(self._base(), dotted)
-            if found is not None:
-                return found
-        raise ModelLoadError(f"{self.family}: cannot find the final norm (looked for {', '.join(_NORM_PATHS)})")
+        return self.parts.final_norm
 
     def lm_head(self) -> nn.Module:
-        head = self.hf_model.get_output_embeddings()
-        assert isinstance(head, nn.Module)
-        return head
+        return self.parts.lm_head
 
     def embed_tokens(self) -> nn.Module:
-        embed = self.hf_model.get_input_embeddings()
-        assert isinstance(embed, nn.Module)
-        return embed
+        return self.parts.embed_tokens
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of an exit at any layer: the model's own final norm, then its LM head."""
-        logits: torch.Tensor = self.lm_head()(self.final_norm()(hidden))
-        return logits
+    def exit_logits(self, hidden: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Logits of an exit at 1-based `layer`: its exit adapter where one was trained, then the
+        model's own final norm and LM head (without a layer, the plain logit lens)."""
+        if layer is not None and self.exit_adapters is not None:
+            hidden = self.exit_adapters.translate(hidden, layer)
+        return self.parts.exit_logits(hidden)
 
     def resident_weight_bytes(self) -> int:
         return _weight_bytes(self.hf_model)
@@ -252,7 +240,19 @@ def load_partial(
             if buffer is not None:
                 module._buffers[key] = buffer.to(target)
     model.eval()
+    adapters_file = directory / EXIT_ADAPTERS_FILE
+    try:  # only the loaded layers' adapters are read
+        adapters = (
+            ExitAdapters.load(adapters_file, depth, device=target, dtype=dtype) if adapters_file.is_file() else None
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{adapters_file}: cannot read the exit adapters: {error}") from error
+    if adapters is not None and adapters.down.shape[-1] != config.hidden_size:
+        raise ModelLoadError(
+            f"{adapters_file}: adapters for hidden size {adapters.down.shape[-1]}, not {config.hidden_size}"
+        )
     partial = PartialModel(
+        exit_adapters=adapters,
         path=directory,
         family=str(config.model_type),
         hf_model=model,

@@ -1,4 +1,5 @@
-"""Train a Llama-style causal LM from scratch with a LayerSkip-style early-exit loss.
+"""Train a Llama-style causal LM from scratch with a LayerSkip-style early-exit loss, and read every
+layer's exit logits of any HF causal LM (for the loss and the exit-shape evaluation).
 
 Every layer's exit (shared final norm + LM head) is trained on the answer tokens, with weights
 rising with depth, so easy tokens become confident early and hard ones only late. Deterministic:
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .exits import all_exit_logits, exit_logits, first_confident_layer, layer_hidden_states
+from .adapter import parts_of
 from .presets import Preset
 from .tasks import KINDS, Example, eval_examples, exact_match, training_stream
 from .tokenizer import build_tokenizer, encode
@@ -26,6 +28,50 @@ TRAINING_VERSION = "1"  # bump when the loss, data or loop changes: it is part o
 EVAL_THRESHOLD = 0.9
 
 Log = Callable[[str], None]
+
+
+# --- exits: every layer's logits through the shared final norm + LM head (models.adapter finds them) ---
+
+
+def layer_hidden_states(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The output of each decoder layer (before the final norm), collected with forward hooks so
+    the model's own forward (masks, positions) runs unchanged across transformers versions."""
+    parts = parts_of(model)
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in parts.layers]
+    try:
+        parts.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def exit_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """LayerSkip-style exit: the model's own final norm and LM head on any layer's hidden state."""
+    return parts_of(model).exit_logits(hidden)
+
+
+def all_exit_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[layers, batch, seq, vocab] logits of every layer's exit."""
+    parts = parts_of(model)
+    return torch.stack([parts.exit_logits(h) for h in layer_hidden_states(model, input_ids, attention_mask)])
+
+
+def first_confident_layer(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1-based first layer whose confidence reaches `threshold` ([layers, ...] -> [...]);
+    layers + 1 where none does (the telemetry contract's convention)."""
+    layers = confidence.shape[0]
+    passed = confidence >= threshold
+    idx = torch.arange(1, layers + 1, device=confidence.device).view(-1, *([1] * (confidence.dim() - 1)))
+    masked = torch.where(passed, idx, torch.full_like(idx, layers + 1))
+    return masked.min(dim=0).values
 
 
 def exit_loss_weights(layers: int) -> list[float]:
@@ -156,6 +202,7 @@ def train_model(
         "training_version": TRAINING_VERSION,
         "train_seconds": round(time.monotonic() - started, 1),
         "device": device.type,
+        "trained_exits": True,
         "exit_loss_weights": weights,
         "final_layer_losses": [round(x, 4) for x in per_layer],
     }

@@ -178,6 +178,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) 
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_sequences(),
+        logprobs=body.logprobs if isinstance(body, CompletionRequest) else body.logprobs_count(),
     )
 
 
@@ -190,7 +191,7 @@ def _add_v1_routes(app: FastAPI, state: WorkerState) -> None:
         card = ModelCard(
             id=s.model_name,
             created=state.created,
-            helios={"candidate": s.candidate, "depth": s.depth, "model_layers": s.model_layers},
+            helios={"candidate": s.candidate, "depth": s.depth, "model_layers": s.model_layers, "exits": s.exits},
         )
         return ModelList(data=[card]).model_dump()
 
@@ -201,7 +202,7 @@ def _add_v1_routes(app: FastAPI, state: WorkerState) -> None:
         prompts = [encoder.encode(p) if isinstance(p, str) else encoder.check_ids(p) for p in body.prompts()]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await open_streams(state.engine, prompts, body.n, _sampling(body, body.max_tokens), request_id)
-        view = streaming.CompletionView(request_id, state.created, state.settings, body.n)
+        view = streaming.CompletionView(request_id, state.created, state.settings, body.n, encoder.token_text)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(view.stream(streams, include_usage))
@@ -213,7 +214,7 @@ def _add_v1_routes(app: FastAPI, state: WorkerState) -> None:
         prompt = state.encoder.chat_prompt(body.messages)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await open_streams(state.engine, [prompt], body.n, _sampling(body, body.token_limit()), request_id)
-        view = streaming.ChatView(request_id, state.created, state.settings, body.n)
+        view = streaming.ChatView(request_id, state.created, state.settings, body.n, state.encoder.token_text)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(view.stream(streams, include_usage))

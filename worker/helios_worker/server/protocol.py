@@ -63,7 +63,7 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the top-k alternatives per token, at its exit
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -94,8 +94,18 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -120,10 +130,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions' logprobs, each computed at the layer its token exited from."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """Chat logprobs, each computed at the layer its token exited from."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     helios: HeliosChoiceInfo  # the extension field, named by contract.RESPONSE_EXTENSION_FIELD
 
@@ -133,6 +169,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -140,12 +177,13 @@ class CompletionResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None  # OpenAI's schema requires the key; this server never refuses in text
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     helios: HeliosChoiceInfo  # the extension field, named by contract.RESPONSE_EXTENSION_FIELD
 
@@ -155,6 +193,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[ChatChoice]
     usage: Usage
 
@@ -167,7 +206,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
     helios: HeliosChoiceInfo  # the extension field, named by contract.RESPONSE_EXTENSION_FIELD
 
@@ -177,6 +216,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None  # the candidate and depth that served it
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

@@ -41,6 +41,10 @@ class PromptEncoder:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text, as logprobs name it."""
+        return str(self._tokenizer.decode([token_id]))
+
     def check_ids(self, ids: Sequence[int]) -> list[int]:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -71,6 +75,7 @@ class ChoiceResult:
     confidences: list[float] = field(default_factory=list)
     breaches: int = 0
     finished: Finished | None = None
+    tokens: list[TokenEvent] = field(default_factory=list)
 
     def add(self, event: Event) -> None:
         if isinstance(event, Finished):
@@ -79,6 +84,7 @@ class ChoiceResult:
             self.finished = event
             return
         self.text += event.text
+        self.tokens.append(event)
         self.exit_layers.append(event.exit_layer)
         self.confidences.append(round(event.confidence, 6))
         self.breaches += int(event.breach)

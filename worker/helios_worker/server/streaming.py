@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from helios_worker.engine.api import Finished, TokenEvent
@@ -19,9 +19,13 @@ from helios_worker.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     HeliosChoiceInfo,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from helios_worker.server.serving import ChoiceResult, ChoiceStream, choice_info, merge, usage_counts
@@ -40,11 +44,57 @@ def finish_reason(finished: Finished) -> str:
 
 
 class _View:
-    def __init__(self, request_id: str, created: int, settings: ServerSettings, n: int) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        created: int,
+        settings: ServerSettings,
+        n: int,
+        token_text: Callable[[int], str] = str,
+    ) -> None:
         self.id = request_id
         self.created = created
         self.settings = settings
         self.n = n
+        self.token_text = token_text  # a token id as text, for logprobs
+
+    def envelope(self) -> dict[str, Any]:
+        """The fields every response and chunk of this request carries."""
+        return {
+            "id": self.id,
+            "created": self.created,
+            "model": self.settings.model_name,
+            "system_fingerprint": self.settings.system_fingerprint,
+        }
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def chat_logprobs(self, tokens: Sequence[TokenEvent]) -> ChatLogprobs | None:
+        """Logprobs at each token's exit layer; None unless the request asked for them."""
+        if not tokens or tokens[0].logprob is None:
+            return None
+        content = []
+        for t in tokens:
+            top = [self._top(i, lp) for i, lp in t.top_logprobs]
+            chosen = self._top(t.token_id, t.logprob or 0.0)
+            content.append(TokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    def completion_logprobs(self, tokens: Sequence[TokenEvent], offset: int = 0) -> CompletionLogprobs | None:
+        if not tokens or tokens[0].logprob is None:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+        return CompletionLogprobs(
+            tokens=[self.token_text(t.token_id) for t in tokens],
+            token_logprobs=[t.logprob or 0.0 for t in tokens],
+            top_logprobs=[{self.token_text(i): lp for i, lp in t.top_logprobs} for t in tokens],
+            text_offset=offsets,
+        )
 
     def info(self, tokens: Sequence[TokenEvent]) -> HeliosChoiceInfo:
         return choice_info(tokens, self.settings.depth, self.settings.candidate)
@@ -94,27 +144,40 @@ class _View:
 
 
 class CompletionView(_View):
+    _offsets: dict[int, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._offsets = {}  # streaming: text emitted so far per choice, for text_offset
+
     def response(self, results: Sequence[ChoiceResult]) -> dict[str, Any]:
         choices = [
-            CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason, helios=self.result_info(r))
+            CompletionChoice(
+                index=r.index,
+                text=r.text,
+                logprobs=self.completion_logprobs(r.tokens),
+                finish_reason=r.finish_reason,
+                helios=self.result_info(r),
+            )
             for r in sorted(results, key=lambda r: r.index)
         ]
-        body = CompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=self.usage(results)
-        )
+        body = CompletionResponse(**self.envelope(), choices=choices, usage=self.usage(results))
         return body.model_dump()
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict[str, Any]:
-        body = CompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=usage
-        )
+        body = CompletionResponse(**self.envelope(), choices=choices, usage=usage)
         return body.model_dump(exclude={"usage"} if usage is None else set())
 
     def event_chunk(self, index: int, event: TokenEvent | Finished) -> dict[str, Any]:
         if isinstance(event, Finished):
             choice = CompletionChoice(index=index, text="", finish_reason=finish_reason(event), helios=self.info([]))
         else:
-            choice = CompletionChoice(index=index, text=event.text, finish_reason=None, helios=self.info([event]))
+            offset = self._offsets.get(index, 0)
+            self._offsets[index] = offset + len(event.text)
+            logprobs = self.completion_logprobs([event], offset)
+            choice = CompletionChoice(
+                index=index, text=event.text, logprobs=logprobs, finish_reason=None, helios=self.info([event])
+            )
         return self._chunk([choice])
 
     def usage_chunk(self, results: Sequence[ChoiceResult]) -> dict[str, Any]:
@@ -127,20 +190,17 @@ class ChatView(_View):
             ChatChoice(
                 index=r.index,
                 message=AssistantMessage(content=r.text),
+                logprobs=self.chat_logprobs(r.tokens),
                 finish_reason=r.finish_reason,
                 helios=self.result_info(r),
             )
             for r in sorted(results, key=lambda r: r.index)
         ]
-        body = ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=self.usage(results)
-        )
+        body = ChatCompletionResponse(**self.envelope(), choices=choices, usage=self.usage(results))
         return body.model_dump()
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict[str, Any]:
-        body = ChatCompletionChunk(
-            id=self.id, created=self.created, model=self.settings.model_name, choices=choices, usage=usage
-        )
+        body = ChatCompletionChunk(**self.envelope(), choices=choices, usage=usage)
         dumped = body.model_dump(exclude={"usage"} if usage is None else set())
         for choice in dumped["choices"]:  # OpenAI's deltas carry only what changed
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
@@ -157,7 +217,11 @@ class ChatView(_View):
             )
         else:
             choice = ChatChunkChoice(
-                index=index, delta=ChatDelta(content=event.text), finish_reason=None, helios=self.info([event])
+                index=index,
+                delta=ChatDelta(content=event.text),
+                logprobs=self.chat_logprobs([event]),
+                finish_reason=None,
+                helios=self.info([event]),
             )
         return self._chunk([choice])
 

@@ -1,0 +1,73 @@
+"""Built-in chat prompts for training exits into a pretrained checkpoint (no dataset download).
+
+The model answers them itself (greedy), and its exits learn to predict its own final-layer tokens.
+Held-out prompts are never trained on; they measure the agreement curve before and after.
+"""
+
+from __future__ import annotations
+
+TRAIN_PROMPTS: tuple[str, ...] = (
+    "What is the capital of Italy?",
+    "Name three primary colours.",
+    "What is 12 plus 30?",
+    "Translate 'good morning' into French.",
+    "Give me a synonym for 'happy'.",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "List the days of the week.",
+    "What is the largest planet in the solar system?",
+    "Explain what photosynthesis is in one sentence.",
+    "Write a haiku about the sea.",
+    "What does a thermometer measure?",
+    "How many legs does a spider have?",
+    "Describe a cat in two sentences.",
+    "What is the opposite of 'cold'?",
+    "Give three tips for staying healthy.",
+    "What is the chemical symbol for gold?",
+    "Why is the sky blue?",
+    "Write a short greeting for a birthday card.",
+    "What language is spoken in Brazil?",
+    "How do you make a cup of tea?",
+    "What is the square root of 81?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "What are the three states of matter?",
+    "Summarise the plot of Cinderella in one sentence.",
+    "What is the main ingredient of guacamole?",
+    "Explain what a computer program is.",
+    "Which ocean is the largest?",
+    "What is a noun? Give an example.",
+    "Suggest a name for a pet dog.",
+    "How many minutes are in an hour?",
+    "What causes rain?",
+    "Write one sentence about autumn.",
+    "What is the capital of Japan?",
+    "Give an example of a renewable energy source.",
+    "What is the freezing point of water in Fahrenheit?",
+    "Who painted the Sistine Chapel ceiling?",
+    "What do bees make?",
+    "Explain gravity to a child.",
+    "List four fruits that are red.",
+    "What is the tallest mountain on Earth?",
+    "How do plants get water?",
+    "Write a polite email subject line asking for a meeting.",
+    "What is 7 times 8?",
+    "Name the continents.",
+    "What is the function of the heart?",
+    "Give a one-line definition of democracy.",
+    "What is the currency of the United Kingdom?",
+)
+
+HELD_OUT_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Name two animals that live in the ocean.",
+    "What is 9 plus 16?",
+    "Explain what a rainbow is.",
+    "Who wrote Hamlet?",
+    "Give two tips for a good night's sleep.",
+    "What is the chemical symbol for water?",
+    "Write a sentence about winter.",
+    "Which planet is known as the red planet?",
+    "How many days are in a week?",
+    "What is the opposite of 'fast'?",
+    "Describe a dog in one sentence.",
+)
