@@ -40,6 +40,7 @@ from e2e_support import (
     E2EConfig,
     Kubectl,
     LocalPrometheus,
+    host_claim,
     image_name,
     local_prometheus_config,
     operator_logs,
@@ -193,34 +194,7 @@ def model_claim(kube: Kubectl, e2e: E2EConfig, model_dir: str) -> Iterator[str]:
     """A read-only PVC over the model directory on the nodes (a hostPath PV bound to it by name),
     so the example's models are named pvc://helios-models/helios-tiny and .../helios-small."""
     pv = f"{kube.namespace}-models"
-    kube.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadOnlyMany"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "hostPath": {"path": model_dir, "type": "Directory"},
-                    "claimRef": {"namespace": kube.namespace, "name": MODEL_CLAIM},
-                },
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": MODEL_CLAIM, "namespace": kube.namespace},
-                "spec": {
-                    "accessModes": ["ReadOnlyMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        ]
-    )
+    kube.apply(host_claim(kube.namespace, MODEL_CLAIM, pv, model_dir, "ReadOnlyMany"))
     wait_for(
         "the model claim Bound",
         lambda: kube.ns_json("get", "pvc", MODEL_CLAIM)["status"].get("phase") == "Bound",

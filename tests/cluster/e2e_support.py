@@ -107,6 +107,37 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
     return wait_until(check, timeout, interval, what=what)
 
 
+def host_claim(namespace: str, claim: str, volume: str, path: str, mode: str) -> list[dict[str, Any]]:
+    """A claim bound by name to a hostPath volume over `path` on the nodes (the test nodes are this
+    machine): a PersistentVolume and its PersistentVolumeClaim, with no provisioner involved."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": [mode],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": path, "type": "Directory"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": [mode],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    ]
+
+
 def split_image(image: str) -> tuple[str, str]:
     """`registry:5000/helios-operator:e2e` -> (`registry:5000/helios-operator`, `e2e`); no tag: `latest`."""
     name, sep, tag = image.rpartition(":")

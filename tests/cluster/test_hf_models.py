@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_support import REPO, E2EConfig, Kubectl, image_name, wait_for
+from e2e_support import REPO, E2EConfig, Kubectl, host_claim, image_name, wait_for
 from plane import Plane
 from tests.support.dockerfile import image_env
 from tests.support.hub import LocalHub, local_hub
@@ -91,34 +91,7 @@ def cache_dir(space: Kubectl, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The claim every pod of the HeliosDeployment shares: a ReadWriteMany hostPath volume; its folder."""
     folder = tmp_path_factory.mktemp("hf-cache")
     pv = f"{space.namespace}-{CLAIM}"
-    space.apply(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "hostPath": {"path": str(folder), "type": "Directory"},
-                    "claimRef": {"namespace": space.namespace, "name": CLAIM},
-                },
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": CLAIM, "namespace": space.namespace},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        ]
-    )
+    space.apply(host_claim(space.namespace, CLAIM, pv, str(folder), "ReadWriteMany"))
     wait_for("the cache claim Bound", lambda: space.ns_json("get", "pvc", CLAIM)["status"].get("phase") == "Bound", 60)
     yield folder
     space.run("delete", "pv", pv, "--wait=false")
