@@ -289,9 +289,14 @@ def count_attention(model: StackModel, batch: int, context: int, max_context: in
 
 
 def _hf_generate(model: StackModel, prompts: list[tuple[int, ...]], new_tokens: int) -> None:
-    ids = torch.tensor(prompts, device=next(model.hf_model.parameters()).device)
+    greedy_generate(model.hf_model, torch.tensor(prompts, device=next(model.hf_model.parameters()).device), new_tokens)
+
+
+def greedy_generate(hf_model: Any, ids: torch.Tensor, new_tokens: int) -> None:
+    """transformers' own greedy `generate`, exactly `new_tokens` per row with a static KV cache: the
+    baseline every engine figure is divided by."""
     with torch.inference_mode():
-        model.hf_model.generate(
+        hf_model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from helios_bench.device import measure_copy_bandwidth, synchronize
-from helios_bench.engine_bench import Entry, format_entry, measure
+from helios_bench.engine_bench import Entry, format_entry, greedy_generate, measure
 from helios_worker.engine.api import EngineConfig, GenerationRequest, SamplingParams
 from helios_worker.engine.blocks import StackModel
 from helios_worker.engine.engine import Engine
@@ -142,16 +142,7 @@ def _generate_run(hf_model: Any, depth: int, batch: int, prompt: int, new_tokens
     ids = torch.full((batch, prompt), 5, device=device)
 
     def run() -> None:
-        with torch.inference_mode():
-            hf_model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                cache_implementation="static",
-            )
+        greedy_generate(hf_model, ids, new_tokens)
 
     try:
         run()

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -48,7 +47,7 @@ from e2e_support import (
     split_image,
     wait_for,
 )
-from tests.support.kubelet import ApiCredentials, TestKubelet
+from tests.support.kubelet import TestKubelet
 
 
 @cache
@@ -252,18 +251,8 @@ def ops_node(
         yield None
         return
     scratch = tmp_path_factory.mktemp("node-e2e")
-    creds = ApiCredentials.from_kubeconfig(plane.node_kubeconfig("node-e2e"), scratch / "creds")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    kubelet = TestKubelet(
-        creds,
-        "node-e2e",
-        capacity={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"},
-        images={image_name(e2e.operator_image): ["helios", "operator"], image_name(e2e.worker_image): None},
-        env=env,
-        workdir=scratch / "pods",
-        pod_prefix=plane.pod_prefix,
-        pid_file=plane.state / "kubelet.pids",
-    )
+    images = {image_name(e2e.operator_image): ["helios", "operator"], image_name(e2e.worker_image): None}
+    kubelet = plane.test_node("node-e2e", scratch, images)
     with kubelet:
         yield kubelet
 

@@ -7,9 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.support.kubelet import ApiCredentials, TestKubelet
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "cluster.sh"
@@ -113,6 +117,33 @@ class Plane:
         done = _script("node-kubeconfig", node)
         assert done.returncode == 0, f"cluster.sh node-kubeconfig {node}: {done.stderr}"
         return Path(done.stdout.strip())
+
+    def test_node(
+        self,
+        name: str,
+        scratch: Path,
+        images: Mapping[str, Sequence[str] | None],
+        *,
+        capacity: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> TestKubelet:
+        """A test kubelet registered as node `name` that runs its pods' containers as this machine's
+        processes, with this venv's commands (helios) on PATH and `env` over the suite's own."""
+        creds = ApiCredentials.from_kubeconfig(self.node_kubeconfig(name), scratch / "creds")
+        run_env = {**os.environ, **(env or {})}
+        run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return TestKubelet(
+            creds,
+            name,
+            capacity=capacity or {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"},
+            images=images,
+            labels=labels,
+            env=run_env,
+            workdir=scratch / "pods",
+            pod_prefix=self.pod_prefix,
+            pid_file=self.state / "kubelet.pids",
+        )
 
     def audit_events(self) -> list[dict[str, Any]]:
         events = []

@@ -12,8 +12,6 @@ ReadWriteMany claim.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +23,7 @@ from e2e_support import REPO, E2EConfig, Kubectl, host_claim, image_name, wait_f
 from plane import Plane
 from tests.support.dockerfile import image_env
 from tests.support.hub import LocalHub, local_hub
-from tests.support.kubelet import ApiCredentials, TestKubelet
+from tests.support.kubelet import TestKubelet
 
 from helios_operator.core import manifests, names
 from helios_operator.core.types import EnsureWorker, HeliosSpec
@@ -68,20 +66,9 @@ def hub(hub_model: Path) -> Iterator[LocalHub]:
 def node(plane: Plane, e2e: E2EConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKubelet]:
     """A node with GPUs (the worker pods ask for one) whose containers start with the worker image's ENV."""
     scratch = tmp_path_factory.mktemp("node-hf")
-    creds = ApiCredentials.from_kubeconfig(plane.node_kubeconfig("node-hf"), scratch / "creds")
-    env = {**os.environ, **image_env(REPO / "Dockerfile.worker")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    kubelet = TestKubelet(
-        creds,
-        "node-hf",
-        capacity={"nvidia.com/gpu": "4"},
-        labels=GROUP,
-        images={image_name(e2e.worker_image): None},
-        env=env,
-        workdir=scratch / "pods",
-        pod_prefix=plane.pod_prefix,
-        pid_file=plane.state / "kubelet.pids",
-    )
+    images = {image_name(e2e.worker_image): None}
+    env = image_env(REPO / "Dockerfile.worker")
+    kubelet = plane.test_node("node-hf", scratch, images, capacity={"nvidia.com/gpu": "4"}, labels=GROUP, env=env)
     with kubelet:
         yield kubelet
 

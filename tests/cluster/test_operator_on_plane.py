@@ -18,9 +18,7 @@ not serving. The ServiceMonitor CRD is a stand-in of the Prometheus Operator's
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import pytest
 import yaml
 from e2e_support import REPO, Kubectl, wait_for
 from plane import Plane
-from tests.support.kubelet import ApiCredentials, TestKubelet
+from tests.support.kubelet import TestKubelet
 
 from helios_operator.core import names
 
@@ -83,19 +81,8 @@ def helm(plane: Plane, *args: str, timeout: float = 300) -> subprocess.Completed
 def node(plane: Plane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestKubelet]:
     """A node that can run the operator and worker images (as `helios operator` / the pod's command)."""
     scratch = tmp_path_factory.mktemp("node-ops")
-    creds = ApiCredentials.from_kubeconfig(plane.node_kubeconfig("node-ops"), scratch / "creds")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    kubelet = TestKubelet(
-        creds,
-        "node-ops",
-        capacity={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "8"},
-        images={"helios-operator": ["helios", "operator"], "helios-worker": None},
-        labels=GROUP,
-        env=env,
-        workdir=scratch / "pods",
-        pod_prefix=plane.pod_prefix,
-        pid_file=plane.state / "kubelet.pids",
-    )
+    images = {"helios-operator": ["helios", "operator"], "helios-worker": None}
+    kubelet = plane.test_node("node-ops", scratch, images, labels=GROUP)
     with kubelet:
         yield kubelet
 
