@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from helios_worker.engine.api import EngineConfig, GenerationRequest, SamplingParams
-from helios_worker.engine.blocks import family_of
 from helios_worker.engine.engine import Engine
 from helios_worker.engine.forward import ExitRule, StepOutput, decode, prefill
 from helios_worker.engine.kvcache import KVCache, plan_cache
-from helios_worker.engine.testing import HFStack, random_model, random_prompts
+from helios_worker.engine.testing import HFStack, cpu_cache, random_model, random_prompts
 from helios_worker.models.loading import load_partial
 
 FAMILIES = ("llama", "qwen2", "gpt2")
@@ -55,17 +54,7 @@ def test_decoding_without_exits_equals_generate_on_a_padded_batch(family: str) -
 
 def run_steps(model: HFStack, threshold: float, early_stop: bool, steps: int) -> tuple[list[StepOutput], KVCache]:
     """Prefill two prompts into slots 0 and 1, then greedy-decode them together for `steps` steps."""
-    fam = family_of(model)
-    plan = plan_cache(
-        layers=3,
-        kv_heads=fam.kv_heads,
-        head_dim=fam.head_dim,
-        dtype_bytes=4,
-        max_batch=2,
-        max_context=32,
-        budget_bytes=None,
-    )
-    cache = KVCache(plan, torch.device("cpu"), torch.float32)
+    fam, cache = cpu_cache(model, 2)
     rule = ExitRule(threshold, "max_prob", profile=False, propagate=True)
     first = [
         prefill(fam, model.exit_logits, cache, rule, slot, torch.tensor(p))

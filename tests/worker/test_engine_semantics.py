@@ -14,8 +14,8 @@ from helios_worker.engine.api import EngineConfig, Finished, GenerationRequest, 
 from helios_worker.engine.blocks import family_of
 from helios_worker.engine.engine import Engine
 from helios_worker.engine.forward import ExitRule, decode, prefill
-from helios_worker.engine.kvcache import KVCache, plan_cache
-from helios_worker.engine.testing import HFStack, random_model, random_prompts
+from helios_worker.engine.kvcache import KVCache
+from helios_worker.engine.testing import HFStack, cpu_cache, random_model, random_prompts
 
 MIXED = 0.2  # on the random llama (seed 1), some tokens exit at layer 1 or 2, most run to layer 3
 NO_EXITS = 2.0
@@ -58,17 +58,7 @@ def test_turning_early_stop_off_keeps_state_propagation(llama: HFStack) -> None:
 
 
 def _prefilled(model: HFStack, rule: ExitRule) -> tuple[KVCache, torch.Tensor]:
-    fam = family_of(model)
-    plan = plan_cache(
-        layers=3,
-        kv_heads=fam.kv_heads,
-        head_dim=fam.head_dim,
-        dtype_bytes=4,
-        max_batch=4,
-        max_context=32,
-        budget_bytes=None,
-    )
-    cache = KVCache(plan, torch.device("cpu"), torch.float32)
+    fam, cache = cpu_cache(model, 4)
     prompts = random_prompts(7, (5, 3, 4, 6))
     first = [prefill(fam, model.exit_logits, cache, rule, slot, torch.tensor(p)) for slot, p in enumerate(prompts)]
     return cache, torch.cat([r.greedy for r in first])

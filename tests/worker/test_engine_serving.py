@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helios_worker.engine.api import EngineConfig, GenerationRequest, GraphCaptureError, SamplingParams
-from helios_worker.engine.blocks import attend, family_of
+from helios_worker.engine.blocks import attend
 from helios_worker.engine.confidence import confidence, token_confidence
 from helios_worker.engine.engine import Engine, serving_context
 from helios_worker.engine.forward import ExitRule, decode, prefill, prefill_batch
-from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.engine.static import length_buckets
-from helios_worker.engine.testing import HFStack, random_model, random_prompts
+from helios_worker.engine.testing import HFStack, cpu_cache, random_model, random_prompts
 
 MIXED = 0.2
 
@@ -68,22 +67,8 @@ def test_the_confidence_of_bf16_logits_materialises_no_float32_matrix() -> None:
     assert max(n for _, n in seen.outputs) == logits.numel()  # the bf16 temporaries, nothing wider
 
 
-def _cache(model: HFStack, rows: int) -> tuple[Any, KVCache]:
-    fam = family_of(model)
-    plan = plan_cache(
-        layers=3,
-        kv_heads=fam.kv_heads,
-        head_dim=fam.head_dim,
-        dtype_bytes=4,
-        max_batch=rows,
-        max_context=32,
-        budget_bytes=None,
-    )
-    return fam, KVCache(plan, torch.device("cpu"), torch.float32)
-
-
 def _step(model: HFStack, rule: ExitRule, prompts: list[list[int]], checkpoints: bool, early_stop: bool) -> Any:
-    fam, cache = _cache(model, len(prompts))
+    fam, cache = cpu_cache(model, len(prompts))
     first = [prefill(fam, model.exit_logits, cache, rule, s, torch.tensor(p)) for s, p in enumerate(prompts)]
     tokens = torch.cat([r.greedy for r in first])
     positions = torch.tensor([len(p) for p in prompts])
@@ -203,9 +188,9 @@ def test_the_fused_layer_reparameterises_the_model_without_changing_its_forward(
 def test_prompts_prefilled_together_equal_prompts_prefilled_alone(llama: HFStack) -> None:
     prompts = random_prompts(8, (5, 9, 2))
     rule = ExitRule(MIXED, "max_prob", False, True, None)
-    fam, alone_cache = _cache(llama, 3)
+    fam, alone_cache = cpu_cache(llama, 3)
     alone = [prefill(fam, llama.exit_logits, alone_cache, rule, s, torch.tensor(p)) for s, p in enumerate(prompts)]
-    _, together_cache = _cache(llama, 3)
+    _, together_cache = cpu_cache(llama, 3)
     ids = torch.tensor([p + [0] * (9 - len(p)) for p in prompts])
     together = prefill_batch(fam, llama.exit_logits, together_cache, rule, 0, ids, torch.tensor([5, 9, 2]))
     assert together.greedy.tolist() == [int(r.greedy) for r in alone]

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
+from helios_worker.engine.blocks import Family, family_of
+from helios_worker.engine.kvcache import KVCache, plan_cache
 from helios_worker.models.adapter import ModelParts, parts_of
 from helios_worker.models.tokenizer import build_tokenizer
 
@@ -103,3 +105,19 @@ def random_prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     rng = random.Random(seed)
     vocab = len(build_tokenizer())
     return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
+
+
+def cpu_cache(model: HFStack, rows: int) -> tuple[Family, KVCache]:
+    """A float32 KV cache on the CPU for `rows` sequences of up to 32 tokens over the test stack's
+    three layers, with the stack's attention family: what the engine's unit tests step on."""
+    fam = family_of(model)
+    plan = plan_cache(
+        layers=3,
+        kv_heads=fam.kv_heads,
+        head_dim=fam.head_dim,
+        dtype_bytes=4,
+        max_batch=rows,
+        max_context=32,
+        budget_bytes=None,
+    )
+    return fam, KVCache(plan, torch.device("cpu"), torch.float32)
