@@ -82,17 +82,17 @@ def cycle(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def max_batch_in_budget(sizes: Sizes, budget_bytes: int, context: int, scratch_slot: bool) -> int:
-    """Rows of `context` tokens whose KV fits beside the weights (the engine keeps one scratch slot)."""
+def max_batch_in_budget(sizes: Sizes, budget_bytes: int, context: int) -> int:
+    """Rows of `context` tokens whose KV fits beside the weights: the same rule for the engine and for
+    `generate` (the engine's cache plans every slot for a row, no spare)."""
     free = budget_bytes - sizes.resident_weight_bytes
     per_row = sizes.kv_bytes_per_token * context
-    rows = free // per_row if per_row > 0 else 0
-    return max(0, int(rows) - (1 if scratch_slot else 0))
+    return max(0, int(free // per_row)) if per_row > 0 else 0
 
 
 def default_budget(static: Sizes, context: int, rows: int) -> int:
-    """The static baseline's weights plus KV for `rows` rows (and the engine's scratch slot)."""
-    return static.resident_weight_bytes + (rows + 1) * static.kv_bytes_per_token * context
+    """The static baseline's weights plus KV for `rows` rows."""
+    return static.resident_weight_bytes + rows * static.kv_bytes_per_token * context
 
 
 def throughput(

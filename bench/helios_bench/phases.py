@@ -212,9 +212,9 @@ def measure(setup: Setup, placements: Iterable[CandidateDepth]) -> Measurements:
     return Measurements(static, generate, generate_outputs, helios, rate, arrivals)
 
 
-def batches_in_budget(setup: Setup, sizes: Sizes, scratch_slot: bool) -> Batches:
+def batches_in_budget(setup: Setup, sizes: Sizes) -> Batches:
     """The largest batch of full-context rows the budget holds beside these weights, and the one run."""
-    max_batch = max_batch_in_budget(sizes, setup.budget, setup.prompts.context, scratch_slot)
+    max_batch = max_batch_in_budget(sizes, setup.budget, setup.prompts.context)
     if max_batch < 1:
         raise RuntimeError(
             f"a memory budget of {setup.budget} bytes holds no row of {setup.prompts.context} tokens beside "
@@ -244,7 +244,7 @@ def _memory(sizes: Sizes, kv_bytes: int, peak: int | None) -> Memory:
 
 def _engine_capacity(setup: Setup, model: Any, sizes: Sizes, *, exits: bool) -> Capacity:
     o = setup.options
-    batches = batches_in_budget(setup, sizes, scratch_slot=True)
+    batches = batches_in_budget(setup, sizes)
     kv_budget = setup.budget - sizes.resident_weight_bytes
     system = setup.engine(model, exits=exits, max_batch=batches.run_batch, kv_budget=kv_budget)
     try:
@@ -304,7 +304,7 @@ def _measure_generate(
     """Plain generate on the static baseline's model: its measurements and its outputs on the evaluation prompts."""
     o = setup.options
     eos = sorted(eos_ids(model))
-    batches = batches_in_budget(setup, sizes, scratch_slot=False)
+    batches = batches_in_budget(setup, sizes)
     system = GenerateSystem(model.hf_model, model.tokenizer, setup.device, eos, batches.run_batch)
     tp, peak = _throughput(setup, system, batches.run_batch)
     kv_bytes = batches.run_batch * sizes.kv_bytes_per_token * setup.prompts.context

@@ -182,11 +182,11 @@ def test_serving_climbs_through_the_policys_adaptations_while_the_breach_rule_fi
 
 
 def test_the_budget_sets_the_largest_batch_and_the_run_batch_is_capped() -> None:
-    batches = batches_in_budget(_setup([], max_run_batch=5), SIZES, scratch_slot=True)
-    assert (batches.max_batch, batches.run_batch, batches.capped) == (7, 5, True)  # 8 rows, one scratch slot
-    assert batches_in_budget(_setup([]), SIZES, scratch_slot=False).max_batch == 8
+    batches = batches_in_budget(_setup([], max_run_batch=5), SIZES)
+    assert (batches.max_batch, batches.run_batch, batches.capped) == (8, 5, True)  # 8 rows, no spare slot
+    assert batches_in_budget(_setup([]), SIZES).max_batch == 8
     with pytest.raises(RuntimeError, match="raise --memory-budget-bytes"):
-        batches_in_budget(_setup([], budget=10_000 + 100), SIZES, scratch_slot=False)
+        batches_in_budget(_setup([], budget=10_000 + 100), SIZES)
 
 
 def test_each_section_reports_the_placement_chosen_for_its_objective() -> None:
@@ -240,3 +240,9 @@ def test_the_assembled_run_is_written_as_the_json_the_report_reads() -> None:
     rows = {r.key: r for r in report.compute_ratios(json, setup.options.batches)}
     assert rows["throughput"].ratio == pytest.approx(4.0)
     assert rows["per_token_p50"].ratio == pytest.approx(1.5)
+    # The targets are an H100's: a CPU run neither meets nor misses them; on a GPU it is judged.
+    assert rows["throughput"].target is not None and rows["throughput"].met is None
+    assert report.render_table(list(rows.values()), "t", True).count("MISSED") == 0
+    json["meta"]["device"]["kind"] = "cuda"
+    judged = {r.key: r for r in report.compute_ratios(json, setup.options.batches)}
+    assert judged["throughput"].met is True  # 4.0 >= the 2.2 target
