@@ -87,6 +87,7 @@ def accuracy(setup: Setup, references: References, completions: list[Completion]
     n = sum(len(t) for t in tokens)
     return Accuracy(
         agreement=agreement,
+        strict_agreement=forced_agreement(own_gaps, 0.0),
         agreement_ci95=agreement_interval(round(agreement * n), n),
         floor_met=agreement >= setup.options.accuracy_floor,
         agreement_with_largest=forced_agreement(largest_gaps, setup.tie_tolerance),

@@ -106,6 +106,19 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
             note=interval,
         )
     )
+    strict = g("accuracy", "helios", "strict_agreement")
+    rows.append(
+        Ratio(
+            "strict_agreement",
+            "agreement, no tie tolerance (HELIOS)",
+            strict,
+            g("accuracy", "static", "strict_agreement"),
+            g("accuracy", "generate", "strict_agreement"),
+            strict,
+            None,
+            "fraction",
+        )
+    )
     largest = g("accuracy", "helios", "agreement_with_largest")
     rows.append(
         Ratio(

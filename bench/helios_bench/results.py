@@ -121,6 +121,7 @@ class Accuracy:
     """Tokens against the serving candidate's full model (what the floor bounds) and against the largest."""
 
     agreement: float  # teacher-forced, ties within the tolerance agreed
+    strict_agreement: float  # teacher-forced, only the very token agreed (no tie tolerance)
     agreement_ci95: tuple[float, float]
     floor_met: bool
     agreement_with_largest: float
