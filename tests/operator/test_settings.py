@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
-from helios_operator.settings import Settings, SettingsError, load_settings
+from helios_operator.settings import Settings, SettingsError, env_name, load_settings
 
 
 def test_defaults_apply_when_nothing_is_set() -> None:
@@ -106,3 +109,9 @@ def test_the_operators_own_metrics_are_served_on_metrics_port() -> None:
         server.shutdown()
         server.server_close()
     assert 'helios_operator_reconcile_total{result="ok"}' in text
+
+
+def test_readme_names_every_setting_the_operator_reads() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [env_name(f.name) for f in fields(Settings) if f"`{env_name(f.name)}`" not in readme]
+    assert missing == [], f"README's settings paragraph lacks {missing}"
