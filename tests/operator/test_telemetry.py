@@ -78,6 +78,8 @@ def test_scrape_builds_the_candidate_profile_from_the_profiling_metrics(exporter
     assert p.fixed_weight_bytes == pytest.approx(5000.0)  # resident - 4 layers
     assert p.kv_bytes_per_token_per_layer == pytest.approx(64.0)
     assert p.joules_per_token == pytest.approx(0.25)
+    assert p.exits == "trained"  # helios_worker_info{exits}: the profile says what the worker's exits were
+    assert type(p).from_dict(p.to_dict()) == p  # and status carries it
 
 
 def test_replicas_of_one_worker_are_summed_and_the_worst_breach_ratio_wins(

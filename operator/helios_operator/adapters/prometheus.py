@@ -213,6 +213,7 @@ def _profile(candidate: str, depth: int, model_layers: int, generated: float, se
         layer_weight_bytes=layer_bytes,
         kv_bytes_per_token_per_layer=series.max(c.KV_BYTES_PER_TOKEN.series) / loaded,
         joules_per_token=(energy / generated) if energy is not None and generated > 0 else None,
+        exits=series.label("exits") or "",  # helios_worker_info{exits=...}: what the worker's exits are
     )
 
 

@@ -295,6 +295,7 @@ class CandidateProfile:
     layer_weight_bytes: float  # one decoder layer
     kv_bytes_per_token_per_layer: float
     joules_per_token: float | None = None  # None where NVML reports no energy
+    exits: str = ""  # helios_worker_info's exits: trained | adapters | off | untrained; "" when not reported
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -310,6 +311,7 @@ class CandidateProfile:
             "layerWeightBytes": self.layer_weight_bytes,
             "kvBytesPerTokenPerLayer": self.kv_bytes_per_token_per_layer,
             "joulesPerToken": self.joules_per_token,
+            "exits": self.exits,
         }
 
     @classmethod
@@ -328,6 +330,7 @@ class CandidateProfile:
             layer_weight_bytes=float(d["layerWeightBytes"]),
             kv_bytes_per_token_per_layer=float(d["kvBytesPerTokenPerLayer"]),
             joules_per_token=None if jpt is None else float(jpt),
+            exits=str(d.get("exits") or ""),
         )
 
 
