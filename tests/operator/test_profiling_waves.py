@@ -271,3 +271,21 @@ def test_idle_seconds_zero_never_scales_profile_workers_down() -> None:
     p.now += 200
     p.settle()
     assert {w.replicas for w in p.workers.values()} == {1}
+
+
+def test_profiled_one_at_a_time_an_idle_round_never_scales_down_the_worker_it_waits_for() -> None:
+    """Serial profiling: the finished candidate serves while the next one loads. Idle then, the loading
+    one must stay up (scaling it to zero beside a finished worker that is about to go would leave
+    the round with nothing that can ever get Ready)."""
+    serial = replace(IDLE, profiling=replace(IDLE.profiling, max_concurrent_workers=1, requests_per_candidate=2))
+    p = GpuPlatform(spec=serial, gpus=8)
+    p.settle()
+    p.broken = {"chat-p1-big"}  # the next candidate takes long to load
+    p.serve(2)  # the first candidate hears its quota
+    p.settle()
+    p.now += 121
+    p.settle()
+    assert p.workers["chat-p1-big"].replicas == 1
+    p.broken = set()  # loaded
+    p.run()
+    assert p.status.phase == "Serving" and {x.candidate for x in p.status.profiles} >= {"small", "big"}

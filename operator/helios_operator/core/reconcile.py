@@ -401,21 +401,16 @@ def _idle(d: _Draft) -> bool:
     return bool(idle_s and heard_at is not None and d.inp.telemetry.available and d.inp.now - heard_at >= idle_s)
 
 
-def _sentinel(d: _Draft, workers: tuple[str, ...]) -> str | None:
-    """Who keeps serving while the round is idle: the active worker, else the round's first Ready one;
-    None: nothing serves yet, so nothing scales down."""
-    if d.status.active is not None:
-        return d.status.active.worker
-    return next((n for n in workers if _ready(d.inp.observed, n)), None)
-
-
-def _idled(d: _Draft) -> tuple[str, ...]:
-    """The round's workers at zero replicas now (idle, and not the one that serves)."""
+def _idled(d: _Draft, kept: tuple[str, ...]) -> tuple[str, ...]:
+    """Of the round's workers this step keeps, those at zero replicas while the round is idle: all of
+    them beside an active worker (it serves), else all but the first Ready one, which the stable
+    Service keeps selecting. None while no kept worker is Ready: nothing would serve."""
     if not _idle(d):
         return ()
-    round_workers = tuple(sorted(_round_names(d)))
-    sentinel = _sentinel(d, round_workers)
-    return () if sentinel is None else tuple(n for n in round_workers if n != sentinel)
+    if d.status.active is not None:
+        return kept
+    sentinel = next((n for n in sorted(kept) if _ready(d.inp.observed, n)), None)
+    return () if sentinel is None else tuple(n for n in kept if n != sentinel)
 
 
 def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
@@ -442,7 +437,7 @@ def _ensure_round(d: _Draft) -> tuple[set[str], bool]:
                 wave, held = (wave[:-1] if len(wave) >= budget else wave), [ready[0]]
             elif ready:
                 release = True
-    idled = _idled(d)
+    idled = _idled(d, (*wave, *held))
     for name in (*wave, *held):
         candidate = names[name]
         c = d.inp.spec.candidate(candidate)
@@ -665,7 +660,8 @@ def _profiling_condition(d: _Draft, s: Status) -> tuple[Literal["True", "False"]
             progress.append(f"{candidate} {heard}/{need}")
     budget = f" ({_profiling_budget(d)} at a time)" if _profiling_budget(d) < len(d.inp.spec.candidates) else ""
     round_names = _round_names(d)
-    idled = [round_names[n] for n in _idled(d) if d.inp.observed.worker(n) is not None]
+    observed = [(c, d.inp.observed.worker(n)) for n, c in round_names.items()]
+    idled = [c for c, w in observed if w is not None and w.replicas == 0] if _idle(d) else []
     idle_s = d.inp.spec.profiling.idle_seconds
     idle = f"; no request for {idle_s}s: {', '.join(idled)} at zero replicas until traffic comes" if idled else ""
     return "True", s.phase, f"round {s.profiling_round}{budget}: " + ", ".join(progress) + idle
