@@ -247,7 +247,7 @@ def test_breaches_only_climb_and_end_at_no_deeper_option(
         assert (c.candidate, c.depth) != (candidate, depth)
         if c.candidate == candidate:
             assert c.depth > depth  # never the same or a shallower depth of the current model
-            assert c.accuracy >= acc
+            assert c.accuracy >= acc - 1e-12  # equal agreements may round a last bit apart in the bound
         else:
             assert c.accuracy > acc
         assert c.accuracy >= floor
