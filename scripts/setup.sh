@@ -27,11 +27,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip
-# Pin torch first: the CPU wheel is small; an unpinned torch pulls gigabytes of CUDA packages.
+# Pin torch first (HELIOS_TORCH_VERSION, 2.13.0): the extras then find it and pull no other torch.
 if ! $PY -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch (CPU)"
-  $PY -m pip install -q "torch==${HELIOS_TORCH_VERSION:-2.13.0}" \
-    || $PY -m pip install -q "torch==${HELIOS_TORCH_VERSION:-2.13.0}" --index-url https://download.pytorch.org/whl/cpu
+  $PY -m pip install -q "torch==${HELIOS_TORCH_VERSION:-2.13.0}"
 fi
 echo "setup: installing helios with its extras"
 $PY -m pip install -q -e ".[worker,operator,demo,dev]"

@@ -89,49 +89,18 @@ def compute_ratios(data: dict[str, Any], batches: tuple[int, ...]) -> list[Ratio
     versus("max_batch", "max batch in memory budget, HELIOS/static", "max_batch", "max_batch", 4.0, False)
     versus("resident_weights", "resident weight bytes, static/HELIOS", "memory", "resident_weight_bytes", None, True)
 
-    agreement = g("accuracy", "helios", "agreement")
+    def fraction(key: str, metric: str, target: float | None = None, note: str = "") -> None:
+        """An accuracy share, reported as it is for each system (the ratio column is HELIOS's value)."""
+        h = g("accuracy", "helios", key)
+        static, generate = g("accuracy", "static", key), g("accuracy", "generate", key)
+        rows.append(Ratio(key, metric, h, static, generate, h, target, "fraction", note=note))
+
     helios_acc = data["sections"]["accuracy"]["helios"]
     low, high = helios_acc.get("agreement_ci95", (None, None))
     interval = f"95% interval {low:.3f}-{high:.3f} over {helios_acc['tokens']} tokens" if low is not None else ""
-    rows.append(
-        Ratio(
-            "agreement",
-            "agreement with the full model's tokens (HELIOS)",
-            agreement,
-            g("accuracy", "static", "agreement"),
-            g("accuracy", "generate", "agreement"),
-            agreement,
-            0.98,
-            "fraction",
-            note=interval,
-        )
-    )
-    strict = g("accuracy", "helios", "strict_agreement")
-    rows.append(
-        Ratio(
-            "strict_agreement",
-            "agreement, no tie tolerance (HELIOS)",
-            strict,
-            g("accuracy", "static", "strict_agreement"),
-            g("accuracy", "generate", "strict_agreement"),
-            strict,
-            None,
-            "fraction",
-        )
-    )
-    largest = g("accuracy", "helios", "agreement_with_largest")
-    rows.append(
-        Ratio(
-            "agreement_with_largest",
-            "agreement with the largest candidate's tokens (HELIOS)",
-            largest,
-            g("accuracy", "static", "agreement_with_largest"),
-            g("accuracy", "generate", "agreement_with_largest"),
-            largest,
-            None,
-            "fraction",
-        )
-    )
+    fraction("agreement", "agreement with the full model's tokens (HELIOS)", 0.98, interval)
+    fraction("strict_agreement", "agreement, no tie tolerance (HELIOS)")
+    fraction("agreement_with_largest", "agreement with the largest candidate's tokens (HELIOS)")
     em_h, em_s = g("accuracy", "helios", "exact_match"), g("accuracy", "static", "exact_match")
     em_diff = None if em_h is None or em_s is None else 100.0 * (em_h - em_s)
     rows.append(
