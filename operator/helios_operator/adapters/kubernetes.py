@@ -464,6 +464,12 @@ class KubernetesPlatform:
         if self._crd_present(INFERENCE_POOL_CRD):
             self._ensure_object(owner, _inference_pools(owner.namespace), manifest)
 
+    def _create(self, owner: Owner, collection: str, manifest: dict[str, Any]) -> None:
+        """POST a child into the HeliosDeployment's namespace, owned by it (garbage collection removes it)."""
+        manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
+        manifest["metadata"]["namespace"] = owner.namespace
+        self.api.request("POST", collection, manifest)
+
     def ensure_disruption_budget(self, owner: Owner, manifest: dict[str, Any]) -> None:
         self._ensure_object(owner, _budgets(owner.namespace), manifest)
 
@@ -477,9 +483,7 @@ class KubernetesPlatform:
         except KubeApiError as err:
             if err.status != 404:
                 raise
-            manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
-            manifest["metadata"]["namespace"] = owner.namespace
-            self.api.request("POST", collection, manifest)
+            self._create(owner, collection, manifest)
             return
         if not _owned_by(current, owner.name):
             log.warning("%s/%s exists and is not managed by %s: left as it is", owner.namespace, name, names.MANAGER)
@@ -526,9 +530,7 @@ class KubernetesPlatform:
         except KubeApiError as err:
             if err.status != 404:
                 raise
-            manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
-            manifest["metadata"]["namespace"] = owner.namespace
-            self.api.request("POST", _deployments(owner.namespace), manifest)
+            self._create(owner, _deployments(owner.namespace), manifest)
             return
         meta = current.get("metadata") or {}
         labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
@@ -570,9 +572,7 @@ class KubernetesPlatform:
         except KubeApiError as err:
             if err.status != 404:
                 raise
-            manifest.setdefault("metadata", {}).setdefault("ownerReferences", [owner.reference()])
-            manifest["metadata"]["namespace"] = owner.namespace
-            self.api.request("POST", _services(owner.namespace), manifest)
+            self._create(owner, _services(owner.namespace), manifest)
             return
         # A JSON patch replaces the selector whole (a merge patch would keep stale keys).
         patch = [{"op": "replace", "path": "/spec/selector", "value": selector}]
